@@ -1,0 +1,78 @@
+"""The method contract and the loss helpers shared by several methods.
+
+A method is an ``nn.Module`` that owns the student and its own extra trainable heads, so that the loop can wrap
+the whole thing in DDP. It computes a loss from a batch; it never runs a loop, an optimiser or an evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIP_LOGIT_SCALE = 100.0
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about its task (never the test domain's data)."""
+
+    class_names: list[str]                 # human-readable, in label order
+    domain_names: list[str]                # human-readable names of every domain of the dataset
+    source_domains: list[str]              # human-readable names of the training domains, in batch order
+    total_steps: int
+    num_classes: int
+    embed_dim: int                         # the teacher's embedding width
+    class_prompts: list[list[str]]         # prompts per class from the config's teacher.prompts templates
+    style_domains: bool = True             # False for datasets whose domains are not styles (VLCS, Terra)
+    descriptions: dict[str, str] | None = None   # class name -> attribute description (Li et al.)
+    extra: dict = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = ""
+    hparams: ClassVar[dict] = {}
+    search_space: ClassVar[dict] = {}
+    needs_image_embeddings: ClassVar[bool] = False
+
+    def __init__(self, student: nn.Module, hp: dict, ctx: MethodContext, text: dict[str, torch.Tensor]):
+        super().__init__()
+        self.student = student
+        self.hp = {**self.hparams, **(hp or {})}
+        self.ctx = ctx
+        for key, value in text.items():
+            self.register_buffer(f"text_{key}", value.float(), persistent=False)
+
+    @classmethod
+    def prompt_sets(cls, hp: dict, ctx: MethodContext) -> dict[str, list[list[str]]]:
+        """Text embeddings to precompute with the teacher: name -> one list of prompts (ensembled) per row."""
+        return {"classes": ctx.class_prompts}
+
+    def text(self, key: str) -> torch.Tensor:
+        return getattr(self, f"text_{key}")
+
+    def forward(self, batch: dict, step: int):  # -> (loss, {term: detached tensor})
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)["logits"]
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity [N, M] between the rows of a [N, D] and b [M, D]."""
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).t()
+
+
+def teacher_logits(image_emb: torch.Tensor, class_text: torch.Tensor, scale: float = CLIP_LOGIT_SCALE):
+    """CLIP zero-shot logits z_T = scale * cos(v_T, t_c)."""
+    return scale * cosine(image_emb, class_text)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: T^2 * KL(softmax(z_T/T) || softmax(z_S/T)), batch mean, computed on log-probabilities."""
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return t * t * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
