@@ -2,10 +2,18 @@
 from .base import Method, MethodContext
 from .erm import ERM
 from .kd import KD
+from .li import Li
+from .rise import RISE
+from .scmd import SCMD
+from .vl2v import VL2V
 
 REGISTRY: dict[str, type[Method]] = {
     "erm": ERM,
     "kd": KD,
+    "rise": RISE,
+    "scmd": SCMD,
+    "vl2v": VL2V,
+    "li": Li,
 }
 
 

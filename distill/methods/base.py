@@ -76,3 +76,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
     return t * t * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
+def full_precision(device) -> torch.autocast:
+    """A context with autocast off, so that loss heads (cosines scaled by 100, softmaxes, KLs) run in float32 even
+    when the loop wraps ``forward`` in bf16 autocast (under autocast a matmul of float32 tensors still runs in bf16,
+    which puts errors of ~0.4 on a 100*cos logit). Use it around the part of a loss after the student's forward."""
+    dev = device.device if isinstance(device, torch.Tensor) else torch.device(device)
+    return torch.autocast(device_type=dev.type, enabled=False)

@@ -1,7 +1,7 @@
 """Hinton knowledge distillation from CLIP zero-shot logits: (1-a)*CE + a*T^2*KL(p_T || p_S)."""
 import torch.nn.functional as F
 
-from .base import Method, kd_loss, teacher_logits
+from .base import Method, full_precision, kd_loss, teacher_logits
 
 
 class KD(Method):
@@ -15,8 +15,10 @@ class KD(Method):
 
     def forward(self, batch, step):
         logits = self.student(batch["x"])["logits"]
-        z_t = teacher_logits(batch["image_emb"], self.text("classes"))
-        ce = F.cross_entropy(logits.float(), batch["y"])
-        kd = kd_loss(logits, z_t, self.hp["temperature"])
-        a = float(self.hp["kd_weight"])
-        return (1 - a) * ce + a * kd, {"ce": ce.detach(), "kd": kd.detach()}
+        with full_precision(logits):
+            z_t = teacher_logits(batch["image_emb"], self.text("classes"))
+            ce = F.cross_entropy(logits.float(), batch["y"])
+            kd = kd_loss(logits, z_t, self.hp["temperature"])
+            a = float(self.hp["kd_weight"])
+            loss = (1 - a) * ce + a * kd
+        return loss, {"ce": ce.detach(), "kd": kd.detach()}

@@ -1,0 +1,425 @@
+"""One YAML schema for a single trial and a sweep: defaults, `--set` overrides, and validation that lists every
+problem at once, before any Ray or model work starts.
+
+The schema is data (``DEFAULTS`` + ``TYPES``); method hyperparameters live with each method (``Method.hparams``) and
+are validated against the chosen method. The sweep-only sections (``search``, ``seeds``) are validated by
+``distill.tune``; a single trial ignores them.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "name": "distill",
+    "storage": "./distill_runs",
+    "seed": 0,
+    "test_domains": None,  # list of domain folder names; None = every domain of the dataset
+    "dataset": {
+        "name": "synth",
+        "root": None,  # synth: <storage>/data/synth when not given (generated on first use)
+        "holdout_fraction": 0.2,
+        "image_size": 32,  # student input resolution
+        "store_size": None,  # decoded images kept in memory at this size (default: image_size * 8/7, >= image_size)
+        "skip_unreadable": False,
+        "world": {"seed": 0, "per_class": 100, "size": 32},  # the built-in world's generator settings
+    },
+    "teacher": {
+        "arch": "distill-tiny-rn",  # any open_clip architecture
+        "pretrained": None,  # an open_clip pretrained tag (e.g. openai); needs internet or a warm cache
+        "checkpoint": "fit",  # a local checkpoint path, or `fit`: the project's small teacher fitted on the dataset
+        "fit_steps": None,  # steps when fitting (None: the fitter's default)
+        "preprocess": "clip",  # clip (correct) | imagenet (what RISE/SCMD/VL2V's code fed CLIP)
+        "prompts": "domain",  # a template set name (single, domain, openai, rise, scmd, li) or a list of templates
+        "online": False,  # run the teacher on augmented views in the workers instead of the cache
+    },
+    "student": {
+        "backbone": "resnet18",
+        "pretrained": "none",  # none | imagenet (torchvision weights; needs internet or a warm torch hub cache)
+        "freeze_bn": False,
+    },
+    "method": {"name": "erm"},
+    "train": {
+        "steps": 300,
+        "batch_size": 32,  # per source domain (DomainBed)
+        "optimizer": "adam",  # adam | adamw | sgd
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "momentum": 0.9,  # sgd only
+        "lr_schedule": "constant",  # constant | cosine | step (x0.1 at 80%)
+        "eval_every": 50,
+        "augment": True,
+        "amp": "auto",  # auto (bf16 on GPU) | bf16 | off
+        "grad_clip": None,
+        "num_checkpoints": 2,  # checkpoints kept per trial, best by source-validation accuracy
+        "max_failures": 1,  # worker failures retried from the last checkpoint
+    },
+    "resources": {
+        "num_workers": 1,  # DDP workers per trial
+        "cpus_per_worker": 1,
+        "gpus_per_worker": 0,  # may be fractional (0.25: four small trials share a GPU)
+    },
+    # sweep-only sections, validated by distill.tune
+    "seeds": None,
+    "search": None,
+}
+
+# expected types; tuples allow several; None in a tuple allows null
+NUMBER = (int, float)
+TYPES: dict[str, Any] = {
+    "name": str,
+    "storage": str,
+    "seed": int,
+    "test_domains": (list, str, type(None)),
+    "dataset.name": str,
+    "dataset.root": (str, type(None)),
+    "dataset.holdout_fraction": NUMBER,
+    "dataset.image_size": int,
+    "dataset.store_size": (int, type(None)),
+    "dataset.skip_unreadable": bool,
+    "dataset.world.seed": int,
+    "dataset.world.per_class": int,
+    "dataset.world.size": int,
+    "teacher.arch": str,
+    "teacher.pretrained": (str, type(None)),
+    "teacher.checkpoint": (str, type(None)),
+    "teacher.fit_steps": (int, type(None)),
+    "teacher.preprocess": str,
+    "teacher.prompts": (str, list),
+    "teacher.online": bool,
+    "student.backbone": str,
+    "student.pretrained": str,
+    "student.freeze_bn": bool,
+    "method.name": str,
+    "train.steps": int,
+    "train.batch_size": int,
+    "train.optimizer": str,
+    "train.lr": NUMBER,
+    "train.weight_decay": NUMBER,
+    "train.momentum": NUMBER,
+    "train.lr_schedule": str,
+    "train.eval_every": int,
+    "train.augment": bool,
+    "train.amp": str,
+    "train.grad_clip": (int, float, type(None)),
+    "train.num_checkpoints": int,
+    "train.max_failures": int,
+    "resources.num_workers": int,
+    "resources.cpus_per_worker": NUMBER,
+    "resources.gpus_per_worker": NUMBER,
+    "seeds": (list, type(None)),
+    "search": (dict, type(None)),
+}
+
+CHOICES = {
+    "teacher.preprocess": ["clip", "imagenet"],
+    "student.pretrained": ["none", "imagenet"],
+    "train.optimizer": ["adam", "adamw", "sgd"],
+    "train.lr_schedule": ["constant", "cosine", "step"],
+    "train.amp": ["auto", "bf16", "off"],
+}
+
+FIT = "fit"
+
+
+class ConfigError(ValueError):
+    """A config with problems; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def get_dotted(cfg: dict, key: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> tuple[dict[str, Any], list[str]]:
+    """`a.b=value` strings -> {dotted key: YAML-parsed value}, plus problems."""
+    out, problems = {}, []
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected dotted.key=value")
+            continue
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            problems.append(f"--set {item!r}: value is not valid YAML ({exc})")
+    return out, problems
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "search":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in d.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and full in {"dataset", "dataset.world", "teacher", "student", "train", "resources", "method"}:
+            keys += _leaf_keys(value, full + ".")
+        else:
+            keys.append(full)
+    return keys
+
+
+def _type_ok(value: Any, expected: Any) -> bool:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in types:
+        return False  # YAML `true` is not a number
+    if float in types and isinstance(value, int):
+        return True
+    return isinstance(value, types)
+
+
+def _type_name(expected: Any) -> str:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    names = {int: "integer", float: "number", str: "string", bool: "boolean", list: "list", dict: "mapping",
+             type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ------------------------------------------------------------------------------------------------------- validation
+def schema_problems(cfg: dict) -> list[str]:
+    """Unknown keys, wrong types, bad ranges and unknown choices: everything that needs no imports of heavy code."""
+    problems: list[str] = []
+    known = list(TYPES)
+    for key in _leaf_keys(cfg):
+        if key.startswith("method.") and key != "method.name":
+            continue  # method hyperparameters: checked against the method
+        if key not in TYPES:
+            problems.append(f"unknown key {key!r}{_suggest(key, known)}")
+    for key, expected in TYPES.items():
+        value = get_dotted(cfg, key, _MISSING)
+        if value is _MISSING:
+            continue
+        if not _type_ok(value, expected):
+            problems.append(f"{key}: expected {_type_name(expected)}, got {type(value).__name__} {value!r}")
+        elif key in CHOICES and value not in CHOICES[key]:
+            problems.append(f"{key}: {value!r} is not one of {CHOICES[key]}")
+
+    def check(key, ok, msg):
+        value = get_dotted(cfg, key)
+        if _type_ok(value, TYPES[key]) and value is not None and not ok(value):
+            problems.append(f"{key}: {msg}, got {value!r}")
+
+    check("dataset.holdout_fraction", lambda v: 0 < v < 1, "must be in (0, 1)")
+    check("dataset.image_size", lambda v: v >= 8, "must be >= 8")
+    check("dataset.store_size", lambda v: v >= get_dotted(cfg, "dataset.image_size", 0), "must be >= dataset.image_size")
+    check("dataset.world.per_class", lambda v: v >= 5, "must be >= 5")
+    check("dataset.world.size", lambda v: v >= 16, "must be >= 16")
+    check("teacher.fit_steps", lambda v: v >= 1, "must be >= 1")
+    check("train.steps", lambda v: v >= 1, "must be >= 1")
+    check("train.batch_size", lambda v: v >= 1, "must be >= 1")
+    check("train.lr", lambda v: v > 0, "must be > 0")
+    check("train.weight_decay", lambda v: v >= 0, "must be >= 0")
+    check("train.eval_every", lambda v: v >= 1, "must be >= 1")
+    check("train.num_checkpoints", lambda v: v >= 1, "must be >= 1")
+    check("train.max_failures", lambda v: v >= 0, "must be >= 0")
+    check("train.grad_clip", lambda v: v > 0, "must be > 0")
+    check("resources.num_workers", lambda v: v >= 1, "must be >= 1")
+    check("resources.cpus_per_worker", lambda v: v > 0, "must be > 0")
+    check("resources.gpus_per_worker", lambda v: v >= 0, "must be >= 0")
+    gpus = get_dotted(cfg, "resources.gpus_per_worker")
+    if isinstance(gpus, (int, float)) and gpus > 1 and gpus != int(gpus):
+        problems.append(f"resources.gpus_per_worker: fractions are for sharing one GPU (<= 1), got {gpus!r}")
+    return problems
+
+
+def method_problems(cfg: dict) -> list[str]:
+    from .methods import REGISTRY
+
+    name = get_dotted(cfg, "method.name")
+    if not isinstance(name, str):
+        return []
+    if name not in REGISTRY:
+        return [f"method.name: unknown method {name!r}{_suggest(name, list(REGISTRY))}; known: {sorted(REGISTRY)}"]
+    method = REGISTRY[name]
+    problems = []
+    for key, value in (cfg.get("method") or {}).items():
+        if key == "name":
+            continue
+        if key not in method.hparams:
+            problems.append(f"method.{key}: not a hyperparameter of {name!r}{_suggest(key, list(method.hparams))}; "
+                            f"it has: {sorted(method.hparams) or 'none'}")
+            continue
+        default = method.hparams[key]
+        if default is not None and not _type_ok(value, float if isinstance(default, float) else type(default)):
+            problems.append(f"method.{key}: expected {_type_name(type(default))} like the default {default!r}, "
+                            f"got {value!r}")
+    return problems
+
+
+def reference_problems(cfg: dict) -> list[str]:
+    """Names that must exist: dataset and its domains, backbone, teacher architecture, method."""
+    from .data.registry import validate_dataset
+    from .models.students import BACKBONES
+    from .models.teachers import validate_teacher
+
+    problems = []
+    name, root = get_dotted(cfg, "dataset.name"), get_dotted(cfg, "dataset.root")
+    tests = get_dotted(cfg, "test_domains")
+    if isinstance(name, str):
+        problems += validate_dataset(name, resolve_path(root) if root else None,
+                                     tests if isinstance(tests, list) else [])
+    backbone = get_dotted(cfg, "student.backbone")
+    if isinstance(backbone, str) and backbone not in BACKBONES:
+        problems.append(f"student.backbone: unknown backbone {backbone!r}{_suggest(backbone, list(BACKBONES))}; "
+                        f"known: {sorted(BACKBONES)}")
+    if isinstance(get_dotted(cfg, "teacher.arch"), str):
+        teacher = dict(cfg["teacher"])
+        if teacher.get("checkpoint") == FIT:
+            teacher["checkpoint"] = None  # the built-in teacher, fitted on first use
+        elif teacher.get("checkpoint") is not None:
+            teacher["checkpoint"] = str(resolve_path(teacher["checkpoint"]))
+        problems += validate_teacher(teacher)
+    if get_dotted(cfg, "teacher.checkpoint") == FIT and get_dotted(cfg, "teacher.arch") != "distill-tiny-rn" \
+            and isinstance(get_dotted(cfg, "teacher.arch"), str):
+        problems.append("teacher.checkpoint: `fit` fits the built-in architecture distill-tiny-rn only; "
+                        "fit another with `python -m distill.teacher fit --arch ...` and give its checkpoint path")
+    return problems + method_problems(cfg)
+
+
+_MISSING = object()
+
+
+def validate(cfg: dict) -> list[str]:
+    problems = schema_problems(cfg)
+    return problems + [p for p in reference_problems(cfg) if p not in problems]
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+def resolve_path(p: str | os.PathLike) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(str(p)))).resolve()
+
+
+def finalize(cfg: dict) -> dict:
+    """Fill what derives from other keys (absolute storage, data root, test domains, method defaults)."""
+    from .data.registry import get_spec
+    from .methods import REGISTRY
+
+    cfg = copy.deepcopy(cfg)
+    cfg["storage"] = str(resolve_path(cfg["storage"]))
+    ds = cfg["dataset"]
+    if ds["root"] is None and ds["name"] == "synth":
+        ds["root"] = str(Path(cfg["storage"]) / "data" / "synth")
+    elif ds["root"] is not None:
+        ds["root"] = str(resolve_path(ds["root"]))
+    if ds["store_size"] is None:
+        ds["store_size"] = max(ds["image_size"], round(ds["image_size"] * 8 / 7)) if ds["image_size"] > 64 \
+            else ds["image_size"]
+    teacher = cfg["teacher"]
+    if teacher["checkpoint"] is None and teacher["pretrained"] is None:
+        teacher["checkpoint"] = FIT  # validation allowed this for the built-in architectures only
+    elif teacher["checkpoint"] not in (None, FIT):
+        teacher["checkpoint"] = str(resolve_path(teacher["checkpoint"]))
+    if cfg["test_domains"] is None or cfg["test_domains"] == "all":
+        cfg["test_domains"] = list(get_spec(ds["name"], ds["root"] if ds["name"] != "synth" else None).domains)
+    elif isinstance(cfg["test_domains"], str):
+        cfg["test_domains"] = [cfg["test_domains"]]
+    method = REGISTRY[cfg["method"]["name"]]
+    cfg["method"] = {"name": method.name, **method.hparams,
+                     **{k: v for k, v in cfg["method"].items() if k != "name"}}
+    return cfg
+
+
+def build_config(raw: dict, overrides: dict[str, Any] | None = None, source: str | None = None) -> dict:
+    """Merge defaults, the file's contents and overrides; validate; finalize. Raises ConfigError."""
+    problems = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the file must hold a YAML mapping, got {type(raw).__name__}"], source)
+    cfg = _merge(DEFAULTS, raw)
+    for key, value in (overrides or {}).items():
+        if key.split(".")[0] not in DEFAULTS:
+            problems.append(f"--set {key}: unknown key{_suggest(key, list(TYPES))}")
+            continue
+        set_dotted(cfg, key, value)
+    if isinstance(cfg.get("test_domains"), list) and not all(isinstance(d, str) for d in cfg["test_domains"]):
+        problems.append("test_domains: expected a list of domain names")
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return finalize(cfg)
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | dict | None = None) -> dict:
+    raw = load_yaml(path)
+    if isinstance(overrides, list):
+        overrides, problems = parse_overrides(overrides)
+        if problems:
+            raise ConfigError(problems, str(path))
+    return build_config(raw, overrides, str(path))
+
+
+def trial_config(cfg: dict, test_domain: str | None = None, seed: int | None = None) -> dict:
+    """The config of one trial: one test domain and one seed; sweep-only sections dropped."""
+    out = copy.deepcopy(cfg)
+    out["test_domain"] = test_domain or cfg["test_domains"][0]
+    if seed is not None:
+        out["seed"] = seed
+    out.pop("search", None)
+    out.pop("seeds", None)
+    return out
+
+
+def config_hash(cfg: dict, n: int = 10) -> str:
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

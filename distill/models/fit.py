@@ -1,0 +1,332 @@
+"""Fit a CLIP-architecture teacher (from scratch or from a checkpoint/tag) on a captioned multi-domain dataset with
+open_clip's own ``ClipLoss``, and the cached built-in teacher (``ensure_teacher``).
+
+Captions come from ``manifest.jsonl`` in the dataset root (fields ``path``, ``caption``; the built-in world writes
+it) or default to ``"a {domain} of a {class}"``. Each step an image is paired with one of its caption variants: the
+manifest caption or the short ``"a {domain} of a {class}"``, either with or without a final period, so that the
+teacher also answers the usual zero-shot prompts.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .prompts import class_prompts
+from .teachers import Teacher, TeacherError, load_teacher, normalize_arch, teacher_id
+
+DEFAULT_ARCH = "distill-tiny-rn"
+DEFAULTS = {"steps": 600, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.1, "warmup": 50}
+FIT_VERSION = 1   # bump when the recipe changes: cached teachers then get a new key
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Captioned:
+    """Decoded images with their caption variants (what a fit needs)."""
+
+    images: torch.Tensor            # uint8 [N, 3, S, S]
+    labels: torch.Tensor            # long [N]
+    domains: torch.Tensor           # long [N]
+    captions: list[list[str]]       # per image: its caption variants
+    class_names: list[str]
+    domain_names: list[str]
+    fingerprint: str
+
+
+def caption_variants(caption: str | None, domain_name: str, class_name: str) -> list[str]:
+    base = f"a {domain_name} of a {class_name}"
+    out = []
+    for c in ([caption] if caption else []) + [base]:
+        c = c.strip().rstrip(".")
+        out += [c, c + "."]
+    return list(dict.fromkeys(out))
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, str]:
+    """Relative path -> caption from ``root/manifest.jsonl`` (empty if there is none)."""
+    path = Path(root) / "manifest.jsonl"
+    if not path.is_file():
+        return {}
+    out = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                if row.get("caption") and row.get("path"):
+                    out[str(row["path"]).replace(os.sep, "/")] = row["caption"]
+    return out
+
+
+def load_captioned(root: str | os.PathLike, dataset: str = "synth", size: int = 32,
+                   domains: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None) -> Captioned:
+    """Decode a dataset (``distill.data``) at ``size`` px and attach captions; ``domains`` (folder names) filters."""
+    from ..data.images import load_images
+    from ..data.registry import get_spec
+
+    spec = get_spec(dataset, root)
+    images = load_images(root, spec, store_size=size, skip_unreadable=True, cache_dir=cache_dir)
+    manifest = read_manifest(root)
+    keep = torch.ones(len(images.labels), dtype=torch.bool)
+    if domains:
+        unknown = [d for d in domains if d not in spec.domains]
+        if unknown:
+            raise ValueError(f"unknown domain(s) {', '.join(unknown)}; dataset {spec.name} has {', '.join(spec.domains)}")
+        wanted = torch.tensor([spec.domains.index(d) for d in domains])
+        keep = torch.isin(images.domains, wanted)
+    idx = keep.nonzero().flatten()
+    caps = []
+    for i in idx.tolist():
+        rel = str(images.paths[i]).replace(os.sep, "/")
+        d, c = int(images.domains[i]), int(images.labels[i])
+        caps.append(caption_variants(manifest.get(rel), spec.domain_names[d], spec.class_names[c]))
+    fp = images.fingerprint if not domains else hashlib.sha1(
+        f"{images.fingerprint}|{sorted(domains)}".encode()).hexdigest()[:16]
+    return Captioned(images.images[idx], images.labels[idx], images.domains[idx], caps,
+                     list(spec.class_names), list(spec.domain_names), fp)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training
+
+
+def light_augment(x01: torch.Tensor, generator: torch.Generator, scale=(0.75, 1.0)) -> torch.Tensor:
+    """Batched random resized crop (square, area fraction in ``scale``) + horizontal flip; no colour changes
+    (captions name colours)."""
+    n = x01.shape[0]
+    s = torch.empty(n).uniform_(*scale, generator=generator).sqrt()
+    tx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - s)
+    ty = (torch.rand(n, generator=generator) * 2 - 1) * (1 - s)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = s * flip, tx
+    theta[:, 1, 1], theta[:, 1, 2] = s, ty
+    grid = F.affine_grid(theta, list(x01.shape), align_corners=False)
+    return F.grid_sample(x01, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "bn" in name or "ln" in name or "logit_scale" in name
+         or "positional_embedding" in name or "token_embedding" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def zero_shot_report(teacher: Teacher, data: Captioned, templates=("domain", "single")) -> dict[str, dict[str, float]]:
+    """Per-domain zero-shot accuracy for each template set: {templates: {domain name: acc, "mean": acc}}."""
+    x01 = data.images.float() / 255
+    emb = teacher.encode_images(x01)
+    out = {}
+    for t in templates:
+        text = teacher.class_text(class_prompts(data.class_names, t, data.domain_names))
+        pred = (emb @ text.t()).argmax(1).cpu()
+        res = {}
+        for d, name in enumerate(data.domain_names):
+            m = data.domains == d
+            if m.any():
+                res[name] = float((pred[m] == data.labels[m]).float().mean())
+        res["mean"] = float((pred == data.labels).float().mean())
+        out[t] = res
+    return out
+
+
+def format_report(report: dict[str, dict[str, float]]) -> str:
+    lines = []
+    for t, res in report.items():
+        accs = "  ".join(f"{k} {100 * v:5.1f}" for k, v in res.items())
+        lines.append(f"zero-shot [{t}]  {accs}")
+    return "\n".join(lines)
+
+
+def fit_clip(data: Captioned, arch: str = DEFAULT_ARCH, init: str | None = None, steps: int = DEFAULTS["steps"],
+             batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
+             weight_decay: float = DEFAULTS["weight_decay"], warmup: int = DEFAULTS["warmup"], seed: int = 0,
+             log: Callable[[str], None] | None = print, log_every: int = 50):
+    """Train an open_clip model with ``ClipLoss``: from scratch (``init=None``) or from a checkpoint file / tag.
+    Returns the model (eval mode, on CPU)."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    arch = normalize_arch(arch)
+    torch.manual_seed(seed)
+    if init:
+        base = load_teacher(arch, checkpoint=init) if os.path.isfile(init) else load_teacher(arch, pretrained=init)
+        model = base.model.requires_grad_(True)
+        mean, std = base.mean, base.std
+    else:
+        model = open_clip.create_model(arch, pretrained=None)
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        mean, std = cfg["mean"], cfg["std"]
+    tokenizer = open_clip.get_tokenizer(arch)
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    # tokens of every distinct caption, and per image the indices of its variants
+    vocab = list(dict.fromkeys(c for caps in data.captions for c in caps))
+    where = {c: i for i, c in enumerate(vocab)}
+    tokens = tokenizer(vocab)
+    nvar = max(len(c) for c in data.captions)
+    var_idx = torch.tensor([[where[c[j % len(c)]] for j in range(nvar)] for c in data.captions])
+
+    images = data.images
+    if images.shape[-1] != size:
+        images = (F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True,
+                                align_corners=False).clamp(0, 255).round().to(torch.uint8))
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    loss_fn = ClipLoss()
+    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    gen = torch.Generator().manual_seed(seed)
+    n = images.shape[0]
+    batch_size = min(batch_size, n)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    model.train()
+    t0, running = time.time(), None
+    for step in range(1, steps + 1):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + batch_size]
+        pos += batch_size
+        x = light_augment(images[idx].float() / 255, gen)
+        x = (x - mean_t) / std_t
+        choice = torch.randint(nvar, (len(idx),), generator=gen)
+        text = tokens[var_idx[idx, choice]]
+        img_f, txt_f, scale = model(x, text)[:3]
+        loss = loss_fn(img_f, txt_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if log and (step % log_every == 0 or step == steps or step == 1):
+            log(f"fit step {step}/{steps}  loss {running:.3f}  logit scale {model.logit_scale.exp().item():.1f}  "
+                f"lr {sched.get_last_lr()[0]:.2e}  elapsed {time.time() - t0:.0f}s")
+    return model.eval()
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Atomically write a plain state_dict that ``open_clip.create_model(arch, pretrained=path)`` loads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def fit_teacher(data_root: str | os.PathLike, out: str | os.PathLike, dataset: str = "synth",
+                arch: str = DEFAULT_ARCH, init: str | None = None, steps: int = DEFAULTS["steps"],
+                batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
+                weight_decay: float = DEFAULTS["weight_decay"], seed: int = 0, domains: Sequence[str] | None = None,
+                cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = print) -> dict:
+    """Fit, save ``out`` (+ ``out`` with ``.json``: settings and zero-shot accuracies), and return that summary."""
+    import open_clip
+
+    arch = normalize_arch(arch)
+    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"] if open_clip.get_model_config(arch) else 224
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    data = load_captioned(data_root, dataset, size=size, domains=domains, cache_dir=cache_dir)
+    if log:
+        log(f"fit {arch} on {len(data.labels)} images of {dataset} ({', '.join(data.domain_names)}), "
+            f"{steps} steps, batch {batch_size}, lr {lr}, seed {seed}, init {init or 'scratch'}")
+    t0 = time.time()
+    model = fit_clip(data, arch=arch, init=init, steps=steps, batch_size=batch_size, lr=lr,
+                     weight_decay=weight_decay, seed=seed, log=log)
+    seconds = time.time() - t0
+    path = save_checkpoint(model, out)
+    teacher = load_teacher(arch, checkpoint=path)
+    report = zero_shot_report(teacher, data)
+    summary = {"arch": arch, "checkpoint": str(path), "teacher_id": teacher.id, "dataset": dataset,
+               "data_root": str(data_root), "data_fingerprint": data.fingerprint, "images": len(data.labels),
+               "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+               "init": init, "domains": list(domains) if domains else None, "fit_seconds": round(seconds, 1),
+               "zero_shot": report, "fit_version": FIT_VERSION}
+    write_json(summary, Path(str(path) + ".json"))
+    if log:
+        log(f"fitted in {seconds:.0f}s -> {path}")
+        log(format_report(report))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the cached built-in teacher
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock (POSIX), so concurrent callers fit a teacher once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover (not POSIX)
+            pass
+        yield
+
+
+def ensure_teacher(storage: str | os.PathLike, data_root: str | os.PathLike, dataset: str = "synth",
+                   arch: str = DEFAULT_ARCH, steps: int = DEFAULTS["steps"], seed: int = 0,
+                   log: Callable[[str], None] | None = print, **fit_kwargs) -> Path:
+    """The fitted teacher for (data, steps, seed, arch), fitted on first use and cached at
+    ``<storage>/teachers/<arch>-<hash>.pt`` (zero-shot accuracies in ``<...>.pt.json``)."""
+    import open_clip
+
+    arch = normalize_arch(arch)
+    storage = Path(storage).expanduser().absolute()
+    cfg = open_clip.get_model_config(arch)
+    size = cfg["vision_cfg"]["image_size"] if cfg else 224
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    from ..data.images import load_images
+    from ..data.registry import get_spec
+
+    images = load_images(data_root, get_spec(dataset, data_root), store_size=size, skip_unreadable=True,
+                         cache_dir=storage / "cache")
+    settings = {"fingerprint": images.fingerprint, "steps": int(steps), "seed": int(seed), "arch": arch,
+                "dataset": dataset, "fit_version": FIT_VERSION, **{k: fit_kwargs[k] for k in sorted(fit_kwargs)}}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = storage / "teachers" / f"{arch}-{key}.pt"
+    if path.is_file():
+        if log:
+            log(f"teacher: reusing fitted {path}")
+        return path
+    with _file_lock(path.with_name(path.name + ".lock")):
+        if path.is_file():
+            return path
+        fit_teacher(data_root, path, dataset=dataset, arch=arch, steps=steps, seed=seed,
+                    cache_dir=storage / "cache", log=log, **fit_kwargs)
+    return path

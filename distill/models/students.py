@@ -1,0 +1,113 @@
+"""Students: a torchvision backbone, a projection head to the teacher's embedding width, and a classifier.
+
+``forward(x)`` returns ``{"features", "embed", "logits"}`` so that a method can use any of them.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+def _resnet(name):
+    def build(weights):
+        model = getattr(torchvision.models, name)(weights=weights)
+        dim = model.fc.in_features
+        model.fc = nn.Identity()
+        return model, dim
+    return build
+
+
+def _classifier_backbone(name):
+    """torchvision models whose head is `classifier` (MobileNet, EfficientNet, ...): keep the pooled features."""
+    def build(weights):
+        model = getattr(torchvision.models, name)(weights=weights)
+        model.classifier = nn.Identity()
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            dim = model(torch.zeros(1, 3, 64, 64)).shape[1]
+            model.train(was_training)
+        return model, dim
+    return build
+
+
+# name -> (builder, torchvision weights enum name for `pretrained: imagenet`)
+BACKBONES = {
+    "resnet18": (_resnet("resnet18"), "ResNet18_Weights"),
+    "resnet34": (_resnet("resnet34"), "ResNet34_Weights"),
+    "resnet50": (_resnet("resnet50"), "ResNet50_Weights"),
+    "mobilenet_v3_small": (_classifier_backbone("mobilenet_v3_small"), "MobileNet_V3_Small_Weights"),
+    "mobilenet_v3_large": (_classifier_backbone("mobilenet_v3_large"), "MobileNet_V3_Large_Weights"),
+    "efficientnet_b0": (_classifier_backbone("efficientnet_b0"), "EfficientNet_B0_Weights"),
+}
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    pass
+
+
+def _weights(backbone: str, pretrained: str):
+    if pretrained == "none":
+        return None
+    enum = getattr(torchvision.models, BACKBONES[backbone][1])
+    return enum.DEFAULT  # IMAGENET1K_V2 for ResNet-50, as SCMD used
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters (DomainBed's `freeze_bn`)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        c = bn.num_features
+        self.register_buffer("weight", bn.weight.detach().clone() if bn.weight is not None else torch.ones(c))
+        self.register_buffer("bias", bn.bias.detach().clone() if bn.bias is not None else torch.zeros(c))
+        self.register_buffer("running_mean", bn.running_mean.clone())
+        self.register_buffer("running_var", bn.running_var.clone())
+        self.eps = bn.eps
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child))
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+class Student(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.proj = nn.Linear(feature_dim, embed_dim)
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(x)
+        return {"features": features, "embed": self.proj(features), "logits": self.classifier(features)}
+
+
+def build_student(backbone: str = "resnet18", pretrained: str = "none", freeze_bn: bool = False,
+                  embed_dim: int = 512, num_classes: int = 7) -> Student:
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown student backbone {backbone!r}; known: {sorted(BACKBONES)}")
+    if pretrained not in ("none", "imagenet"):
+        raise ValueError(f"student.pretrained must be 'none' or 'imagenet', got {pretrained!r}")
+    try:
+        net, dim = BACKBONES[backbone][0](_weights(backbone, pretrained))
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise PretrainedWeightsUnavailable(
+            f"could not load ImageNet weights for student backbone {backbone!r} ({exc.__class__.__name__}: {exc}). "
+            f"On a machine with internet run `python -c \"import torchvision; torchvision.models.{backbone}"
+            f"(weights='DEFAULT')\"` to fill the torch hub cache ($TORCH_HOME, default ~/.cache/torch), copy that "
+            f"cache here, or set student.pretrained: none.") from exc
+    if freeze_bn:
+        freeze_batchnorm(net)
+    return Student(net, dim, embed_dim, num_classes)

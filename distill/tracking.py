@@ -1,0 +1,126 @@
+"""MLflow helpers: one tracking URI everywhere (absolute sqlite by default), runs created by the driver, metrics
+written by rank 0 of each trial, artifacts logged by the driver."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_NAME_TAG = "distill.run_name"
+STATUS_TAG = "distill.status"
+
+
+def tracking_uri(storage: str | os.PathLike) -> str:
+    """`MLFLOW_TRACKING_URI` if set (a relative sqlite path in it is made absolute), else `<storage>/mlflow.db`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{(Path(storage) / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:  # a bare path: refuse the file store, which MLflow 3 rejects anyway
+        return f"sqlite:///{(Path(uri) / 'mlflow.db').resolve()}" if Path(uri).is_dir() else \
+            f"sqlite:///{Path(uri).resolve()}"
+    return uri
+
+
+def client(uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Create the experiment once (in the driver, before any worker writes)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # created concurrently by another driver
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return "unknown"
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def find_or_create_run(uri: str, experiment: str, run_name: str, params: dict[str, Any] | None = None,
+                       tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """The run tagged with this deterministic run name (so a resumed trial keeps its run), or a new one."""
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    exp_id = experiment_id(uri, experiment)
+    found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    items = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+    return run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(_metric_key(k), float(v), ts, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for attempt in range(5):  # sqlite under concurrent trials: retry "database is locked"
+        try:
+            client(uri).log_batch(run_id, metrics=items)
+            return
+        except Exception as exc:  # noqa: BLE001
+            if "locked" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def _metric_key(key: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in key)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    c = client(uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+def log_artifact(uri: str, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    c = client(uri)
+    if Path(path).is_dir():
+        c.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        c.log_artifact(run_id, str(path), artifact_path)

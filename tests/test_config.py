@@ -1,0 +1,77 @@
+"""The config schema: defaults, overrides, and one error that lists every problem."""
+import textwrap
+
+import pytest
+
+from distill.config import ConfigError, build_config, load_config, parse_overrides, trial_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = write(tmp_path, f"""
+        storage: {tmp_path}/runs
+        method: {{name: kd, temperature: 2.0}}
+        train: {{steps: 10}}
+    """)
+    cfg = load_config(p, ["train.lr=0.01", "method.kd_weight=0.25", "test_domains=[sketch, photo]"])
+    assert cfg["train"]["lr"] == 0.01 and cfg["train"]["steps"] == 10
+    assert cfg["method"] == {"name": "kd", "temperature": 2.0, "kd_weight": 0.25}
+    assert cfg["storage"] == str((tmp_path / "runs").resolve())
+    assert cfg["dataset"]["root"] == str((tmp_path / "runs" / "data" / "synth").resolve())
+    assert cfg["test_domains"] == ["sketch", "photo"]
+    one = trial_config(cfg)
+    assert one["test_domain"] == "sketch" and "search" not in one
+
+
+def test_all_test_domains_by_default(tmp_path):
+    cfg = load_config(write(tmp_path, f"storage: {tmp_path}\n"))
+    assert cfg["test_domains"] == ["photo", "sketch", "cartoon", "painting"]
+
+
+def test_every_problem_is_listed(tmp_path):
+    p = write(tmp_path, """
+        datset: {name: synth}
+        seed: one
+        test_domains: [sketchy]
+        dataset: {holdout_fraction: 1.5}
+        student: {backbone: resnet19}
+        method: {name: kd, temprature: 3}
+        train: {steps: 0, lr: -1, optimizer: rmsprop}
+        resources: {num_workers: 0}
+    """)
+    with pytest.raises(ConfigError) as err:
+        load_config(p, ["train.batchsize=4"])
+    text = str(err.value)
+    for needle in ["unknown key 'datset'", "seed: expected integer", "sketchy", "holdout_fraction: must be in (0, 1)",
+                   "resnet19", "did you mean 'resnet18'", "method.temprature", "did you mean 'temperature'",
+                   "train.steps: must be >= 1", "train.lr: must be > 0", "rmsprop",
+                   "resources.num_workers: must be >= 1", "train.batchsize"]:
+        assert needle in text, (needle, text)
+    assert len(err.value.problems) == 11
+
+
+def test_unknown_method_and_bad_hparam_type(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build_config({"storage": str(tmp_path), "method": {"name": "kdd"}})
+    assert "unknown method 'kdd'" in str(err.value) and "did you mean 'kd'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        build_config({"storage": str(tmp_path), "method": {"name": "kd", "temperature": "hot"}})
+    assert "method.temperature: expected number" in str(err.value)
+
+
+def test_missing_dataset_root_and_domain(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build_config({"storage": str(tmp_path), "dataset": {"name": "PACS", "root": str(tmp_path / "nope")},
+                      "test_domains": ["sketch"]})
+    assert str(tmp_path / "nope") in str(err.value)
+
+
+def test_parse_overrides():
+    values, problems = parse_overrides(["a.b=3", "c=[1, 2]", "d=true", "bad"])
+    assert values == {"a.b": 3, "c": [1, 2], "d": True}
+    assert problems and "bad" in problems[0]
