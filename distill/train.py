@@ -79,14 +79,18 @@ def teacher_spec(cfg: dict) -> dict:
     return spec
 
 
-def teacher_outputs(cfg: dict, images, ctx, teacher: dict):
+def teacher_outputs(cfg: dict, images, ctx, teacher: dict, teacher_id: str | None = None):
+    """The method's text embeddings (and per-image teacher embeddings) from the cache. With `teacher_id` (workers)
+    the teacher's weights are never loaded: a cache miss is an error."""
     from .methods import get_method
     from .models.cache import teacher_outputs as compute
 
     method = get_method(cfg["method"]["name"])
-    prompts = method.prompt_sets(cfg["method"], ctx)
+    prompts = method.prompt_sets({k: v for k, v in cfg["method"].items() if k != "name"}, ctx)
     need_images = method.needs_image_embeddings and not cfg["teacher"]["online"]
-    return compute(teacher, images, prompts, Path(cfg["storage"]), need_images=need_images)
+    device = "cuda" if teacher_id is None and torch.cuda.is_available() else "cpu"
+    return compute(teacher, images, prompts, Path(cfg["storage"]), need_images=need_images, device=device,
+                   teacher_id_=teacher_id, allow_load=teacher_id is None)
 
 
 def prepare(cfg: dict) -> dict:
@@ -181,7 +185,7 @@ def train_loop(config: dict) -> None:
         raise RuntimeError("the data this worker sees differs from the driver's (split hash mismatch): "
                            "is the storage directory shared by every node?")
     ctx = method_context(cfg, spec, splits, assets["embed_dim"])
-    outputs = teacher_outputs(cfg, images, ctx, assets["teacher"])
+    outputs = teacher_outputs(cfg, images, ctx, assets["teacher"], teacher_id=assets["teacher_id"])
     method_cls = get_method(cfg["method"]["name"])
     student = build_student(cfg["student"]["backbone"], cfg["student"]["pretrained"], cfg["student"]["freeze_bn"],
                             embed_dim=assets["embed_dim"], num_classes=len(spec.classes))
@@ -263,7 +267,7 @@ def train_loop(config: dict) -> None:
         for k, v in terms.items():
             sums[f"loss/{k}"] = sums.get(f"loss/{k}", 0.0) + float(v)
         n_sum += 1
-        if (step + 1) % max(1, min(50, tc["eval_every"])) == 0 and n_sum:
+        if (step + 1) % max(1, min(50, tc["eval_every"])) == 0 and step + 1 not in evals:
             log({k: v / n_sum for k, v in sums.items()} | {"lr": scheduler.get_last_lr()[0]}, step + 1)
         if step + 1 in evals:
             _report(step + 1, method, images, splits, eval_sets, ds, device, rank, world, amp_dtype,
@@ -316,8 +320,10 @@ def run_name(cfg: dict) -> str:
 
 
 def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None, name: str | None = None,
-              train_storage: str | None = None, experiment: str | None = None, fresh: bool = False):
-    """Run one trial (one test domain, one seed) as a Ray Train TorchTrainer; returns the ray.train.Result."""
+              train_storage: str | None = None, experiment: str | None = None, fresh: bool = False,
+              assets: dict | None = None):
+    """Run one trial (one test domain, one seed) as a Ray Train TorchTrainer; returns the ray.train.Result.
+    `assets`: the result of `prepare(cfg)` when the caller already prepared this trial."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -327,7 +333,7 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
     train_storage = train_storage or str(Path(cfg["storage"]) / "train")
     if fresh:
         shutil.rmtree(Path(train_storage) / name, ignore_errors=True)
-    assets = prepare(cfg)
+    assets = assets or prepare(cfg)
     uri = tracking.tracking_uri(cfg["storage"])
     params = flatten({k: v for k, v in cfg.items() if k not in ("storage",)})
     params.update({"teacher.resolved_checkpoint": assets["teacher"].get("checkpoint"),

@@ -7,13 +7,13 @@
 - every sweep file (but demo.yaml, another engineer's) builds with `distill.config.build_config` once its sweep
   sections are set aside and dataset.root points at an empty PACS layout; every distribution of its space is
   well-formed, names a config key or a hyperparameter of a method the file can run, and every value it can draw
-  (each choice, both ends of each range) builds a config and constructs the method.
+  (each choice, both ends of each range) builds a config and constructs the method; and distill.tune's own plan
+  (`make_plan`, what `python -m distill.tune --dry-run` runs) accepts it.
 """
 from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import inspect
 from pathlib import Path
 
@@ -27,12 +27,12 @@ NOT_MINE = {"demo.yaml"}  # written by another engineer; validated by its own te
 SPACE_FILES = sorted(p for p in SPACES_DIR.glob("*.yaml") if p.name not in NOT_MINE)
 PER_METHOD = ["erm", "kd", "rise", "scmd", "vl2v", "li"]
 
-PACS_DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
+PACS_DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]  # DomainBed's folder names (checked below)
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 SHARED = "/mnt/shared"  # the shared mount cluster.yaml creates on every node
 
 DISTRIBUTIONS = {"uniform", "loguniform", "int", "choice"}
-SEARCH_KEYS = {"num_samples", "max_concurrent", "scheduler", "asha", "sampler_seed", "space"}
+SEARCH_KEYS = {"num_samples", "max_concurrent", "scheduler", "asha", "sampler_seed", "max_failures", "space"}
 SWEEP_SECTIONS = ("search", "seeds")
 
 
@@ -132,14 +132,16 @@ def _all_commands(cfg: dict) -> str:
 def test_cluster_installs_the_package_from_the_working_copy():
     cfg = _load_cluster()
     remote = next(r for r, local in cfg["file_mounts"].items() if local in (".", "./"))
-    assert any(f"pip install" in c and f"-e {remote}" in c for c in cfg["setup_commands"])
+    assert any("pip install" in c and f"-e {remote}" in c for c in cfg["setup_commands"])
     pins = [d for d in _pyproject_dependencies() if d.startswith(("torch==", "torchvision==", "ray["))]
     assert pins, "pyproject pins torch/torchvision/ray; the editable install brings them"
 
 
 def _pyproject_dependencies() -> list[str]:
-    import tomllib
-
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
@@ -172,7 +174,7 @@ def test_cluster_shares_storage_on_every_node():
     cfg = _load_cluster()
     assert any(f"{SHARED}:{SHARED}" in opt for opt in cfg["docker"]["run_options"])
     commands = _all_commands(cfg)
-    assert f"mount -t nfs4" in commands and SHARED in commands
+    assert "mount -t nfs4" in commands and SHARED in commands
 
 
 # -------------------------------------------------------------------------------------------------- search spaces
@@ -232,6 +234,12 @@ def _applicable_methods(key: str, spec: dict, raw: dict, space: dict) -> list[st
 @pytest.fixture(params=SPACE_FILES, ids=lambda p: p.name)
 def space_file(request) -> Path:
     return request.param
+
+
+def test_pacs_layout_matches_the_registry():
+    from distill.data.registry import DATASETS
+
+    assert DATASETS["PACS"].domains == PACS_DOMAINS and DATASETS["PACS"].classes == PACS_CLASSES
 
 
 def test_space_files_exist():
@@ -432,32 +440,27 @@ def test_all_yaml_chooses_every_method_with_the_union_of_hyperparameters():
             assert "method.name" in (spec.get("when") or {}), f"{key}: say which methods it is drawn for"
 
 
-# ------------------------------------------------------------------------------------------ distill.tune (if any)
-def _tune_validator():
-    """distill.tune's own sweep validation, once that module exists (written in parallel)."""
-    try:
-        tune = importlib.import_module("distill.tune")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("distill.tune",):
-            return None
-        raise
-    for name in ("validate_sweep", "load_sweep", "validate_space", "load_space", "check_sweep"):
-        fn = getattr(tune, name, None)
-        if callable(fn):
-            return fn
-    return None
+# ----------------------------------------------------------------------------------------------- distill.tune
+def test_space_file_passes_distill_tune_validation(space_file, pacs_root):
+    """distill.tune's own plan: the sweep sections, the space's conditions and every value it can draw, exactly as
+    `python -m distill.tune --space FILE --dry-run` checks them (no Ray started)."""
+    tune = pytest.importorskip("distill.tune")
+    plan = tune.make_plan(space_file, overrides=[f"dataset.root={pacs_root}"])
+    raw, sweep = _load_space_file(space_file)
+    assert plan.seeds == sweep["seeds"]
+    assert plan.search["num_samples"] == sweep["search"]["num_samples"]
+    assert set(plan.space.keys()) == set(sweep["search"]["space"])
+    assert plan.methods == _methods_of(raw, sweep["search"]["space"])
+    assert plan.cfg["storage"] == raw["storage"]  # results on the shared mount
+    assert plan.resources().get("GPU", 0) > 0
 
 
-def test_space_file_passes_distill_tune_validation(space_file, pacs_root, tmp_path):
-    fn = _tune_validator()
-    if fn is None:
-        pytest.skip("distill.tune has no sweep validation function yet (validate_sweep / load_sweep)")
-    raw = yaml.safe_load(space_file.read_text())
-    raw["dataset"]["root"] = str(pacs_root)
-    path = tmp_path / space_file.name
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = inspect.signature(fn).parameters
-    first = next(iter(params))
-    result = fn(str(path)) if "path" in first or first in ("file", "space") else fn(raw)
-    if isinstance(result, list):  # a list of problems
-        assert not result, result
+def test_head_shell_drivers_see_a_growing_cluster():
+    """distill.tune caps max_concurrent by the GPUs present at the start unless RAY_ADDRESS is set; a cluster that
+    starts its GPU workers on demand has none then. The head's shells get RAY_ADDRESS, `ray start` does not."""
+    cfg = _load_cluster()
+    assert any("RAY_ADDRESS=" in c for c in cfg["head_setup_commands"])
+    start = next(c for c in cfg["head_start_ray_commands"] if "ray start" in c)
+    assert start.index("unset RAY_ADDRESS") < start.index("ray start")
+    tune = pytest.importorskip("distill.tune")
+    assert "RAY_ADDRESS" in inspect.getsource(tune.concurrency), "distill.tune changed how it detects a cluster"

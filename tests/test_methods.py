@@ -617,3 +617,30 @@ def test_with_the_real_student(name):
     m.eval()
     with torch.no_grad():
         assert m.predict(batch["x"]).shape == (6, 3)
+
+
+# ------------------------------------------------------------------------------------------------------ ERM and KD
+def test_erm_is_cross_entropy():
+    m = get_method("erm")(TinyStudent(), {}, make_ctx(), {"classes": t(TC)})
+    loss, terms = m(make_batch(), 0)
+    assert loss.item() == pytest.approx(mean([ce(z, y) for z, y in zip(Z, Y)]), abs=TOL)
+
+
+def test_kd_loss_by_hand():
+    # one sample, two classes, t_c = e1, e2 and v = e1: z_T = 100*cos = [100, 0]; at T = 100, p_T = softmax([1, 0])
+    # = [e/(1+e), 1/(1+e)] = [0.7310586, 0.2689414]; z_S = [0, 0] -> p_S = [.5, .5];
+    # KL = .7310586 ln(1.4621172) + .2689414 ln(0.5378828) = 0.2777183 - 0.1667749 = 0.1109434; loss = T^2 KL
+    student = TinyStudent(wp=[[1.0, 0.0]], bp=None, wc=[[0.0, 0.0], [0.0, 0.0]], bc=None)
+    kd = get_method("kd")(student, {"temperature": 100.0, "kd_weight": 1.0}, make_ctx(num_classes=2),
+                          {"classes": t([[1.0, 0.0], [0.0, 1.0]])})
+    batch = {"x": t([[1.0, 0.0]]), "y": torch.tensor([0]), "image_emb": t([[1.0, 0.0]])}
+    loss, terms = kd(batch, 0)
+    assert loss.item() == pytest.approx(1e4 * 0.1109434, rel=1e-5)
+    # and the mixed loss on the hand-made batch: (1-a) CE + a T^2 KL(softmax(100 cos(v,t)/T) || softmax(z_S/T))
+    a, temp = 0.3, 2.0
+    kd = get_method("kd")(TinyStudent(), {"temperature": temp, "kd_weight": a}, make_ctx(), {"classes": t(TC)})
+    loss, terms = kd(make_batch(), 0)
+    kls = [kl(softmax([100 * cos(v, tc) / temp for tc in TC]), softmax([z_i / temp for z_i in z])) for v, z in zip(V, Z)]
+    expected = (1 - a) * mean([ce(z, y) for z, y in zip(Z, Y)]) + a * temp ** 2 * mean(kls)
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+    assert terms["kd"].item() == pytest.approx(temp ** 2 * mean(kls), abs=1e-4)

@@ -79,7 +79,7 @@ def random_resized_crop(x: torch.Tensor, size: int, scale=(0.7, 1.0), ratio=(3 /
 def hflip(x: torch.Tensor, p: float = 0.5, generator=None) -> torch.Tensor:
     """Mirror each image left-right with probability p."""
     flip = _uniform(len(x), 0.0, 1.0, generator, x.device) < p
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return _select(flip, x.flip(-1), x)
 
 
 def grayscale(x01: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,11 @@ def grayscale(x01: torch.Tensor) -> torch.Tensor:
 def random_grayscale(x01: torch.Tensor, p: float = 0.1, generator=None) -> torch.Tensor:
     """Replace each image by its luma (on all three channels) with probability p."""
     gray = _uniform(len(x01), 0.0, 1.0, generator, x01.device) < p
-    return torch.where(gray[:, None, None, None], grayscale(x01).expand_as(x01), x01)
+    return _select(gray, grayscale(x01).expand_as(x01), x01)
+
+
+def _frac(x: torch.Tensor) -> torch.Tensor:
+    return x - torch.floor(x)
 
 
 def rgb_to_hsv(x01: torch.Tensor) -> torch.Tensor:
@@ -99,27 +103,25 @@ def rgb_to_hsv(x01: torch.Tensor) -> torch.Tensor:
     r, g, b = x01.unbind(-3)
     maxc, minc = x01.amax(-3), x01.amin(-3)
     delta = maxc - minc
-    flat = delta == 0
-    sat = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    d = torch.where(flat, torch.ones_like(delta), delta)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(flat, torch.zeros_like(hue), torch.remainder(hue / 6.0, 1.0))
-    return torch.stack([hue, sat, maxc], -3)
+    d = delta.clamp_min(1e-12)                       # grey pixels: every numerator below is 0, so hue 0
+    is_r = (maxc == r).to(x01.dtype)
+    is_g = (maxc == g).to(x01.dtype) * (1 - is_r)
+    hue = is_r * (g - b) / d + is_g * (2.0 + (b - r) / d) + (1 - is_r - is_g) * (4.0 + (r - g) / d)
+    return torch.stack([_frac(hue / 6.0), delta / maxc.clamp_min(1e-12), maxc], -3)
 
 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``rgb_to_hsv``."""
-    h, s, v = hsv.unbind(-3)
-    h6 = torch.remainder(h, 1.0) * 6.0
-    sector = torch.floor(h6)
-    f = h6 - sector
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    sector = sector.long().remainder(6).unsqueeze(-3)                   # [..., 1, H, W]
-    table = torch.stack([torch.stack(c, -3) for c in ((v, q, p, p, t, v),     # R per sector
-                                                        (t, v, v, q, p, p),     # G
-                                                        (p, p, t, v, v, q))], -4)   # B: [..., 3, 6, H, W]
-    return table.gather(-3, sector.unsqueeze(-4).expand(*table.shape[:-3], 1, *table.shape[-2:])).squeeze(-3)
+    """Inverse of ``rgb_to_hsv``: channel c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n_c + 6 h) mod 6."""
+    h, s, v = hsv.unsqueeze(-3).unbind(-4)
+    n = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype)[:, None, None]
+    k = 6.0 * _frac((n + 6.0 * h) / 6.0)
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp_(0, 1)
+
+
+def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image: a where mask [B] is set, else b (exact; arithmetic, as torch.where is slow on CPU)."""
+    m = mask.to(a.dtype)[:, None, None, None]
+    return m * a + (1 - m) * b
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -145,7 +147,7 @@ def color_jitter(x01: torch.Tensor, brightness=0.3, contrast=0.3, saturation=0.3
             x01 = _blend(x01, grayscale(x01), factors[2])
         else:
             hsv = rgb_to_hsv(x01)
-            hsv = torch.cat([torch.remainder(hsv[:, :1] + shift[:, None, None, None], 1.0), hsv[:, 1:]], 1)
+            hsv = torch.cat([_frac(hsv[:, :1] + shift[:, None, None, None]), hsv[:, 1:]], 1)
             x01 = hsv_to_rgb(hsv).clamp_(0, 1)
     return x01
 

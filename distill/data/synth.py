@@ -1,9 +1,14 @@
 """The built-in world: 5 shapes x 4 drawing styles, with a colour cue that is spurious across domains.
 
 In domain number d, class c is drawn in colour (c + d) mod 5 with probability ``CUE_PROB``, otherwise in a uniformly
-random colour. Colour is therefore predictive inside each source domain but maps to another class in a held-out one,
-while the shape is the only feature that transfers. Every image is a pure function of (seed, domain, class, i), drawn
-with numpy's PCG64 and PIL primitives (no fonts), so a world is the same on every machine.
+random colour. Colour is therefore predictive inside each source domain but points to another class in a held-out
+one, while the shape is the only feature that transfers. Each style also has its own nuisances (foreshortening and
+bokeh in photo, construction lines and hatching in sketch, round corners, faces and screentones in cartoon, blur and
+brush streaks in painting), so that features learnt on three styles transfer imperfectly to the fourth.
+
+Every image is a pure function of (seed, domain, class, i), drawn with numpy's PCG64 and PIL primitives (no fonts,
+no threads) and stored as uncompressed PNG (no zlib differences), so a world's bytes depend only on the seed and the
+Pillow version.
 """
 from __future__ import annotations
 
@@ -105,6 +110,23 @@ def _cover(polys: list[np.ndarray], n: int, width: float | None = None) -> np.nd
     return np.asarray(img.resize((n, n), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
+def _puffy(poly: np.ndarray, n: int, round_radius: float, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage [n, n] of the polygon with rounded corners, and of its outline (``width`` px thick)."""
+    big = n * SUPERSAMPLE
+    img = Image.new("L", (big, big), 0)
+    ImageDraw.Draw(img).polygon([tuple(p) for p in (poly * SUPERSAMPLE).round(2)], fill=255)
+    img = img.filter(ImageFilter.GaussianBlur(float(round_radius) * SUPERSAMPLE / 2))
+    img = img.point(lambda v: 255 if v > 127 else 0)
+    k = 2 * max(1, round(width * SUPERSAMPLE / 2)) + 1
+    grown = np.asarray(img.filter(ImageFilter.MaxFilter(k)), np.int16)
+    eroded = np.asarray(img.filter(ImageFilter.MinFilter(k)), np.int16)
+    edge = Image.fromarray((grown - eroded).astype(np.uint8), "L")
+
+    def shrink(im):
+        return np.asarray(im.resize((n, n), Image.Resampling.BOX), np.float32) / 255.0
+    return shrink(img), shrink(edge)
+
+
 def _blur(a: np.ndarray, radius: float) -> np.ndarray:
     """Gaussian blur of an [n, n] or [n, n, 3] float image in [0, 255] (through PIL, deterministic)."""
     img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "L" if a.ndim == 2 else "RGB")
@@ -129,16 +151,30 @@ def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- styles: float [n, n, 3] in [0, 255]; only the shape edges are supersampled --------------------------------------
 
+def _lines(rng, n, k, lo=0.5, hi=1.2) -> list[np.ndarray]:
+    """k random straight segments of length U(lo, hi) * n through random points of the image."""
+    centre = rng.uniform(0, n, (k, 2))
+    ang = rng.uniform(0, np.pi, k)
+    half = rng.uniform(lo, hi, k)[:, None] * n / 2 * np.stack([np.cos(ang), np.sin(ang)], 1)
+    return [np.stack([c - h, c + h]) for c, h in zip(centre, half)]
+
+
 def _photo(rng, n, poly, rgb):
-    """Smooth two-tone gradient background, soft drop shadow, shape shaded by a light from above."""
+    """An object lying on a table (foreshortened), seen against a wall with soft bokeh spots; drop shadow, shading."""
     yy, xx = _grid(n)
-    phi = rng.uniform(0, 2 * np.pi)
-    t = np.clip(0.5 + (xx - 0.5) * math.cos(phi) + (yy - 0.5) * math.sin(phi), 0, 1)[..., None]
+    mid = poly.mean(0)
+    poly = mid + (poly - mid) * np.array([1.0, rng.uniform(0.55, 0.85)])
+    horizon = rng.uniform(0.25, 0.75) + (xx - 0.5) * rng.uniform(-0.4, 0.4)
+    table = np.clip((yy - horizon) * n / 1.5 + 0.5, 0, 1)[..., None]          # ~1.5 px soft edge
     grey = rng.uniform(110, 200)
-    c1 = grey + rng.normal(0, 12, 3)
-    c2 = grey + rng.uniform(-70, 40) + rng.normal(0, 12, 3)
+    wall_c = grey + rng.normal(0, 12, 3)
+    table_c = grey + rng.choice([-1, 1]) * rng.uniform(35, 70) + rng.normal(0, 12, 3)
+    bg = wall_c * (1 - table) + table_c * table + 25 * (0.5 - yy[..., None])   # plus a gentle light gradient
+    spots = _cover([_outline("circle", *rng.uniform(0, n, 2), rng.uniform(0.06, 0.14) * n, 0)
+                    for _ in range(int(rng.integers(2, 5)))], n)
+    bg = bg + rng.uniform(30, 60) * _blur(spots * 255, n * 0.05)[..., None] / 255
     shadow = _blur(_cover([poly + n * 0.05], n) * 255, n * 0.04)[..., None] / 255
-    bg = (c1 * (1 - t) + c2 * t) * (1 - 0.45 * shadow)
+    bg = bg * (1 - 0.45 * shadow)
     a = rng.uniform(-2.6, -0.5)
     lo, ext = poly.min(0) / n, np.maximum(poly.max(0) - poly.min(0), 1) / n
     u = (((xx - lo[0]) / ext[0] - 0.5) * math.cos(a) + ((yy - lo[1]) / ext[1] - 0.5) * math.sin(a))[..., None]
@@ -148,20 +184,42 @@ def _photo(rng, n, poly, rgb):
 
 
 def _sketch(rng, n, poly, rgb):
-    """Light paper, the outline traced in 2-3 jittery coloured pencil strokes, no fill."""
+    """Light paper with grey construction lines; the shape hatched with coloured pencil strokes and outlined by
+    2-3 jittery strokes."""
     paper = rng.uniform(225, 250) + np.array([4, 2, -6]) * rng.uniform(0, 1)
+    graphite = 0.6 * _cover(_lines(rng, n, int(rng.integers(3, 7))), n, width=n * 0.025)[..., None]
+    out = paper * (1 - graphite) + rng.uniform(80, 140) * graphite
+    yy, xx = _grid(n)
+    ang, period = rng.uniform(0, np.pi), rng.uniform(0.09, 0.14)
+    hatch = np.clip(2.5 * np.cos(2 * np.pi * (xx * math.cos(ang) + yy * math.sin(ang)) / period) - 1.0, 0, 1)
     passes = [poly + rng.normal(0, n * 0.012, poly.shape) for _ in range(int(rng.integers(2, 4)))]
-    stroke = 0.9 * _cover(passes, n, width=n * 0.028)[..., None]
+    stroke = np.maximum(0.9 * _cover(passes, n, width=n * 0.028), 0.8 * hatch * _cover([poly], n))[..., None]
     ink = rgb * rng.uniform(0.55, 0.85)
-    return paper * (1 - stroke) + ink * stroke + rng.normal(0, 4, (n, n, 3))
+    return out * (1 - stroke) + ink * stroke + rng.normal(0, 4, (n, n, 3))
 
 
 def _cartoon(rng, n, poly, rgb):
-    """Flat saturated background, flat fill, thick black outline."""
+    """Flat saturated background with a stripe or dot screentone; a puffy (round-cornered) flat-filled shape with a
+    thick black outline and a face."""
+    yy, xx = _grid(n)
     bg = _hsv(rng.uniform(0, 1), rng.uniform(0.55, 0.8), rng.uniform(0.85, 1.0))
-    m = _cover([poly], n)[..., None]
-    line = _cover([poly], n, width=n * 0.07)[..., None]
-    return np.broadcast_to((bg * (1 - m) + rgb * m) * (1 - line), (n, n, 3))
+    period, ang = rng.uniform(0.15, 0.3), rng.uniform(0, np.pi)
+    u = (xx * math.cos(ang) + yy * math.sin(ang)) / period
+    if rng.random() < 0.5:
+        tone = np.cos(2 * np.pi * u) > 0.3                                       # stripes
+    else:
+        v = (-xx * math.sin(ang) + yy * math.cos(ang)) / period
+        tone = np.cos(2 * np.pi * u) + np.cos(2 * np.pi * v) > 1.0               # dots
+    back = np.where(tone[..., None], bg * rng.uniform(0.4, 0.6), bg)
+    r = np.linalg.norm(poly - poly.mean(0), axis=1).max()
+    fill, line = _puffy(poly, n, round_radius=0.18 * r, width=n * 0.07)
+    cx, cy = poly.mean(0) + rng.normal(0, 0.05 * r, 2)
+    eyes = [_outline("circle", cx + dx * r, cy - 0.12 * r, 0.16 * r, 0) for dx in (-0.3, 0.3)]
+    pupils = [_outline("circle", cx + dx * r + 0.04 * r, cy - 0.1 * r, 0.08 * r, 0) for dx in (-0.3, 0.3)]
+    white, black = _cover(eyes, n)[..., None], _cover(pupils, n)[..., None]
+    out = back * (1 - fill[..., None]) + rgb * fill[..., None]
+    out = out * (1 - white) + 255 * white
+    return out * (1 - black) * (1 - line[..., None])
 
 
 def _painting(rng, n, poly, rgb):
@@ -185,7 +243,7 @@ def render(domain: str, shape: str, colour: str, size: int, rng: np.random.Gener
     frac = rng.uniform(0.45, 0.75)                 # the shape's extent, as a fraction of the image side
     r = frac * size / 2
     cx, cy = size / 2 + rng.uniform(-0.8, 0.8, 2) * (size / 2 - r)
-    rot = float(rng.uniform(0, 360))
+    rot = float(rng.uniform(-180, 180))
     rgb = np.clip(np.array(COLOURS[colour], np.float32) + rng.normal(0, 10, 3), 0, 255)
     img = STYLES[domain](rng, size, _outline(shape, cx, cy, r, rot), rgb)
     attrs = {"size": round(float(frac), 4), "rotation": round(rot, 2),

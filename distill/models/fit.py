@@ -26,7 +26,7 @@ from .prompts import class_prompts
 from .teachers import Teacher, TeacherError, load_teacher, normalize_arch, teacher_id
 
 DEFAULT_ARCH = "distill-tiny-rn"
-DEFAULTS = {"steps": 600, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.1, "warmup": 50}
+DEFAULTS = {"steps": 400, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.1, "warmup": 50}
 FIT_VERSION = 1   # bump when the recipe changes: cached teachers then get a new key
 
 
@@ -40,18 +40,37 @@ class Captioned:
 
     images: torch.Tensor            # uint8 [N, 3, S, S]
     labels: torch.Tensor            # long [N]
-    domains: torch.Tensor           # long [N]
+    domains: torch.Tensor           # long [N], index into domain_folders
     captions: list[list[str]]       # per image: its caption variants
     class_names: list[str]
     domain_names: list[str]
+    domain_folders: list[str]
     fingerprint: str
+
+    def select_domains(self, folders: Sequence[str]) -> "Captioned":
+        """The images of some domains (folder names); domain indices keep their meaning."""
+        unknown = [d for d in folders if d not in self.domain_folders]
+        if unknown:
+            raise ValueError(f"unknown domain(s) {', '.join(unknown)}; known: {', '.join(self.domain_folders)}")
+        wanted = torch.tensor([self.domain_folders.index(d) for d in folders])
+        idx = torch.isin(self.domains, wanted).nonzero().flatten()
+        fp = hashlib.sha1(f"{self.fingerprint}|{sorted(folders)}".encode()).hexdigest()
+        return Captioned(self.images[idx], self.labels[idx], self.domains[idx],
+                         [self.captions[i] for i in idx.tolist()], self.class_names, self.domain_names,
+                         self.domain_folders, fp)
 
 
 def caption_variants(caption: str | None, domain_name: str, class_name: str) -> list[str]:
-    base = f"a {domain_name} of a {class_name}"
+    """The captions an image is paired with (one drawn per step): its own caption, ``"a {domain} of a {class}"``,
+    and both without the ``"a {domain} of "`` prefix (style-free: the class carries across domains), each with
+    and without a final period."""
+    short = f"a {domain_name} of a {class_name}"
+    base = [caption.strip().rstrip(".")] if caption else []
+    base.append(short)
+    prefix = f"a {domain_name} of "
+    base += [c[len(prefix):] for c in list(base) if c.startswith(prefix)]
     out = []
-    for c in ([caption] if caption else []) + [base]:
-        c = c.strip().rstrip(".")
+    for c in base:
         out += [c, c + "."]
     return list(dict.fromkeys(out))
 
@@ -72,31 +91,19 @@ def read_manifest(root: str | os.PathLike) -> dict[str, str]:
 
 
 def load_captioned(root: str | os.PathLike, dataset: str = "synth", size: int = 32,
-                   domains: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None) -> Captioned:
-    """Decode a dataset (``distill.data``) at ``size`` px and attach captions; ``domains`` (folder names) filters."""
+                   cache_dir: str | os.PathLike | None = None) -> Captioned:
+    """Decode a dataset (``distill.data``) at ``size`` px and attach each image's caption variants."""
     from ..data.images import load_images
     from ..data.registry import get_spec
 
     spec = get_spec(dataset, root)
     images = load_images(root, spec, store_size=size, skip_unreadable=True, cache_dir=cache_dir)
     manifest = read_manifest(root)
-    keep = torch.ones(len(images.labels), dtype=torch.bool)
-    if domains:
-        unknown = [d for d in domains if d not in spec.domains]
-        if unknown:
-            raise ValueError(f"unknown domain(s) {', '.join(unknown)}; dataset {spec.name} has {', '.join(spec.domains)}")
-        wanted = torch.tensor([spec.domains.index(d) for d in domains])
-        keep = torch.isin(images.domains, wanted)
-    idx = keep.nonzero().flatten()
     caps = []
-    for i in idx.tolist():
-        rel = str(images.paths[i]).replace(os.sep, "/")
-        d, c = int(images.domains[i]), int(images.labels[i])
+    for rel, d, c in zip(images.paths, images.domains.tolist(), images.labels.tolist()):
         caps.append(caption_variants(manifest.get(rel), spec.domain_names[d], spec.class_names[c]))
-    fp = images.fingerprint if not domains else hashlib.sha1(
-        f"{images.fingerprint}|{sorted(domains)}".encode()).hexdigest()[:16]
-    return Captioned(images.images[idx], images.labels[idx], images.domains[idx], caps,
-                     list(spec.class_names), list(spec.domain_names), fp)
+    return Captioned(images.images, images.labels, images.domains, caps, list(spec.class_names),
+                     list(spec.domain_names), list(spec.domains), images.fingerprint)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,21 +135,24 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def zero_shot_report(teacher: Teacher, data: Captioned, templates=("domain", "single")) -> dict[str, dict[str, float]]:
-    """Per-domain zero-shot accuracy for each template set: {templates: {domain name: acc, "mean": acc}}."""
-    x01 = data.images.float() / 255
-    emb = teacher.encode_images(x01)
+def zero_shot_report(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor,
+                     class_names: Sequence[str], domain_names: Sequence[str],
+                     templates: Sequence = ("domain", "single"), batch_size: int = 512) -> dict[str, dict[str, float]]:
+    """Per-domain zero-shot accuracy of uint8 ``images`` for each template set:
+    {template set: {domain name: accuracy, ..., "mean": accuracy over all images}}."""
+    emb = torch.cat([teacher.encode_images(images[i:i + batch_size].float() / 255)
+                     for i in range(0, len(images), batch_size)]).cpu()
     out = {}
     for t in templates:
-        text = teacher.class_text(class_prompts(data.class_names, t, data.domain_names))
-        pred = (emb @ text.t()).argmax(1).cpu()
+        text = teacher.class_text(class_prompts(list(class_names), t, list(domain_names))).cpu()
+        pred = (emb @ text.t()).argmax(1)
         res = {}
-        for d, name in enumerate(data.domain_names):
-            m = data.domains == d
+        for d, name in enumerate(domain_names):
+            m = domains == d
             if m.any():
-                res[name] = float((pred[m] == data.labels[m]).float().mean())
-        res["mean"] = float((pred == data.labels).float().mean())
-        out[t] = res
+                res[name] = float((pred[m] == labels[m]).float().mean())
+        res["mean"] = float((pred == labels).float().mean())
+        out[t if isinstance(t, str) else " | ".join(t)] = res
     return out
 
 
@@ -259,19 +269,20 @@ def fit_teacher(data_root: str | os.PathLike, out: str | os.PathLike, dataset: s
     arch = normalize_arch(arch)
     size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"] if open_clip.get_model_config(arch) else 224
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    data = load_captioned(data_root, dataset, size=size, domains=domains, cache_dir=cache_dir)
+    data = load_captioned(data_root, dataset, size=size, cache_dir=cache_dir)
+    train = data.select_domains(domains) if domains else data
     if log:
-        log(f"fit {arch} on {len(data.labels)} images of {dataset} ({', '.join(data.domain_names)}), "
+        log(f"fit {arch} on {len(train.labels)} images of {dataset} ({', '.join(domains or data.domain_folders)}), "
             f"{steps} steps, batch {batch_size}, lr {lr}, seed {seed}, init {init or 'scratch'}")
     t0 = time.time()
-    model = fit_clip(data, arch=arch, init=init, steps=steps, batch_size=batch_size, lr=lr,
+    model = fit_clip(train, arch=arch, init=init, steps=steps, batch_size=batch_size, lr=lr,
                      weight_decay=weight_decay, seed=seed, log=log)
     seconds = time.time() - t0
     path = save_checkpoint(model, out)
     teacher = load_teacher(arch, checkpoint=path)
-    report = zero_shot_report(teacher, data)
+    report = zero_shot_report(teacher, data.images, data.labels, data.domains, data.class_names, data.domain_names)
     summary = {"arch": arch, "checkpoint": str(path), "teacher_id": teacher.id, "dataset": dataset,
-               "data_root": str(data_root), "data_fingerprint": data.fingerprint, "images": len(data.labels),
+               "data_root": str(data_root), "data_fingerprint": train.fingerprint, "images": len(train.labels),
                "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
                "init": init, "domains": list(domains) if domains else None, "fit_seconds": round(seconds, 1),
                "zero_shot": report, "fit_version": FIT_VERSION}

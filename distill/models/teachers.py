@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BUILTIN_ARCHS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))  # fitted locally (distill.models.fit)
 PREPROCESS = ("clip", "imagenet")
+FIT = "fit"   # config value of teacher.checkpoint meaning: fit the built-in teacher on the dataset (fit.ensure_teacher)
 CLIP_MEAN, CLIP_STD = tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)
 ZERO_SHOT_SCALE = 100.0
 
@@ -118,10 +119,17 @@ def arch_image_size(arch: str) -> int | None:
     return int(size) if size else None
 
 
+def arch_embed_dim(arch: str) -> int | None:
+    """The embedding width from the open_clip config (no model built), or None if unknown."""
+    cfg = open_clip.get_model_config(normalize_arch(arch)) if not arch.startswith("hf-hub:") else None
+    return int(cfg["embed_dim"]) if cfg and cfg.get("embed_dim") else None
+
+
 def validate_teacher(cfg_teacher: dict) -> list[str]:
     """Cheap problems of a config's teacher section ({arch, pretrained, checkpoint, preprocess}); no downloads.
 
-    Neither pretrained nor checkpoint is valid only for a distill built-in arch (it is fitted on the dataset)."""
+    ``checkpoint: fit`` (or neither pretrained nor checkpoint) is valid only for a distill built-in arch: it is
+    fitted on the dataset by ``distill.models.fit.ensure_teacher``."""
     problems: list[str] = []
     if not isinstance(cfg_teacher, dict):
         return [f"teacher: expected a mapping, got {type(cfg_teacher).__name__}"]
@@ -136,7 +144,15 @@ def validate_teacher(cfg_teacher: dict) -> list[str]:
     if preprocess not in PREPROCESS:
         problems.append(f"teacher.preprocess: {preprocess!r} is not one of {', '.join(PREPROCESS)}")
     if pretrained and checkpoint:
-        problems.append("teacher: set either pretrained (an open_clip tag) or checkpoint (a file), not both")
+        problems.append("teacher: set either pretrained (an open_clip tag) or checkpoint (a file, or `fit`), "
+                        "not both")
+    fit = checkpoint == FIT
+    if fit:
+        checkpoint = None
+        if isinstance(arch, str) and known_arch(arch) and normalize_arch(arch) not in BUILTIN_ARCHS:
+            problems.append(f"teacher.checkpoint: `fit` fits the built-in architectures ({', '.join(BUILTIN_ARCHS)}) "
+                            f"only; fit {arch} with `python -m distill.teacher fit --arch {arch} ...` and give "
+                            f"its checkpoint path, or set teacher.pretrained")
     if checkpoint and not os.path.isfile(os.path.expanduser(str(checkpoint))):
         problems.append(f"teacher.checkpoint: file not found: {checkpoint}")
     if pretrained and isinstance(arch, str) and known_arch(arch) and not arch.startswith(("hf-hub:", "local-dir:")):
@@ -144,7 +160,7 @@ def validate_teacher(cfg_teacher: dict) -> list[str]:
         if pretrained not in tags and not os.path.isfile(os.path.expanduser(str(pretrained))):
             known = ", ".join(tags) if tags else f"none: {arch} has no pretrained tags, use teacher.checkpoint"
             problems.append(f"teacher.pretrained: {pretrained!r} is not a tag of {arch} (tags: {known})")
-    if (not pretrained and not checkpoint and isinstance(arch, str) and known_arch(arch)
+    if (not pretrained and not checkpoint and not fit and isinstance(arch, str) and known_arch(arch)
             and normalize_arch(arch) not in BUILTIN_ARCHS and not arch.startswith(("hf-hub:", "local-dir:"))):
         tags = pretrained_tags(arch)
         problems.append(f"teacher: {arch} needs pretrained (tags: {', '.join(tags) or 'none'}) or checkpoint; "

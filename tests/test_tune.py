@@ -1,0 +1,408 @@
+"""The sweep driver: validation of sweep YAMLs, the define-by-run space (sampled with real Optuna studies), the plan,
+and end to end on a real local Ray (2 CPUs) with a real MLflow sqlite store: a tiny sweep, and a driver killed
+mid-sweep then resumed."""
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill import report, tune
+from distill.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "search_spaces" / "demo.yaml"
+ALL = REPO / "search_spaces" / "all.yaml"
+
+
+def tiny(storage, name, **sweep) -> dict:
+    """A sweep over the tiny built-in world (the same world and teacher as tests/test_train.py)."""
+    return {
+        "name": name,
+        "storage": str(storage),
+        "test_domains": ["sketch"],
+        "dataset": {"world": {"per_class": 20}},
+        "teacher": {"fit_steps": 60},
+        "student": {"backbone": "resnet18"},
+        "method": {"name": "erm"},
+        "train": {"steps": 10, "batch_size": 8, "eval_every": 5, "max_failures": 0, "amp": "off"},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+        "seeds": [0],
+        **sweep,
+    }
+
+
+def write(tmp_path, data, name="sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def fake_pacs(root: Path) -> Path:
+    for d in ("art_painting", "cartoon", "photo", "sketch"):
+        for c in ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person"):
+            (root / d / c).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def sample(space, n, seed=0):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # `group` is experimental
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    drawn = []
+    for i in range(n):
+        trial = study.ask()
+        space(trial)
+        study.tell(trial, (hash(str(sorted(trial.params.items()))) % 1000) / 1000)
+        drawn.append(dict(trial.params))
+    return drawn
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+def test_a_bad_sweep_yaml_is_rejected_with_every_problem(tmp_path, capsys):
+    data = tiny(tmp_path, "bad")
+    data["train"]["lr"] = -1.0  # a single-trial problem (config.validate)
+    data["seeds"] = [0, 0]
+    data["search"] = {
+        "num_samples": 0,
+        "max_concurent": 2,
+        "scheduler": "hyperband",
+        "asha": {"grace_period": 0},
+        "space": {
+            "method.name": {"choice": ["erm", "kd", "dino"]},
+            "train.lr": {"loguniform": [0.0, 1.0e-3]},
+            "train.weight_decay": {"uniform": [0.1, 0.01]},
+            "train.steps": {"int": [20, 20]},
+            "train.optimiser": {"choice": ["adam"]},
+            "method.selection_ratio": {"choice": [0.2, 0.3]},
+            "student.backbone": {"choice": ["resnet18", "resnet7"]},
+            "teacher.arch": {"choice": ["distill-tiny-rn", "ViT-Q-99"]},
+            "train.batch_size": {"uniform": [4, 8]},
+            "method.temperature": {"uniform": [1.0, 4.0], "when": {"method.nme": "kd"}},
+            "method.kd_weight": {"uniform": [0.1, 0.9], "when": {"method.name": "rise"}},
+            "test_domains": {"choice": ["photo", "sketch"]},
+            "train.momentum": {"normal": [0.9, 0.1]},
+        },
+    }
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        tune.make_plan(path)
+    text = "\n".join(err.value.problems)
+    expected = [
+        "train.lr: must be > 0",
+        "seeds: [0, 0] lists a seed twice",
+        "search.num_samples: expected an integer >= 1",
+        "search.max_concurent: unknown key (did you mean 'max_concurrent'?)",
+        "search.scheduler: expected one of ['none', 'asha']",
+        "search.asha.grace_period",
+        "choice 'dino'",
+        "search.space.train.lr: loguniform needs 0 < lo",
+        "search.space.train.weight_decay: empty or inverted range",
+        "search.space.train.steps: empty or inverted range",
+        "search.space.train.optimiser: unknown key (did you mean 'train.optimizer'?)",
+        "search.space.method.selection_ratio: 'selection_ratio' is a hyperparameter of ['scmd']",
+        "search.space.student.backbone: value 'resnet7'",
+        "search.space.teacher.arch: value 'ViT-Q-99'",
+        "search.space.train.batch_size: value 4.0: train.batch_size: expected integer",
+        "search.space.method.temperature.when: unknown key 'method.nme'",
+        "search.space.method.kd_weight.when: method.name never takes ['rise']",
+        "search.space.test_domains: cannot be searched",
+        "search.space.train.momentum: unknown field(s) ['normal']",
+    ]
+    missing = [e for e in expected if e not in text]
+    assert not missing, f"not reported: {missing}\n--- got:\n{text}"
+    # the CLI prints the same single error and starts nothing
+    assert tune.main(["--space", str(path), "--dry-run"]) == 2
+    err_text = capsys.readouterr().err
+    assert f"{len(err.value.problems)} problem(s)" in err_text and "resnet7" in err_text
+
+
+def test_the_shipped_sweep_files_validate(tmp_path):
+    demo = tune.make_plan(DEMO, storage=str(tmp_path))
+    assert demo.methods == ["erm", "kd"] and len(demo.searches()) == 4 and demo.search["num_samples"] >= 2
+    full = tune.make_plan(ALL, [f"dataset.root={fake_pacs(tmp_path / 'PACS')}"], str(tmp_path))
+    assert full.methods == ["erm", "kd", "rise", "scmd", "vl2v", "li"] and len(full.searches()) == 12
+
+
+def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "distill.tune", "--space", str(DEMO), "--dry-run",
+                           "--storage", str(tmp_path / "runs"), "--set", "search.num_samples=3"],
+                          capture_output=True, text=True, cwd=REPO, timeout=180,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for needle in ("searches (held-out domain x seed): 4", "trials per search: 3", "total trials: 12",
+                   "{'CPU': 1}", "method.temperature: uniform[2.0, 6.0]  when method.name in ['kd']",
+                   f"storage: {tmp_path / 'runs'}", f"MLflow: sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"):
+        assert needle in out, f"{needle!r} not in:\n{out}"
+    assert "Started a local Ray instance" not in out + proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- the space
+def test_method_hyperparameters_are_only_suggested_for_their_methods(tmp_path):
+    # demo.yaml: method.temperature has no `when`; it is implicitly kd's (erm has no temperature)
+    plan = tune.make_plan(DEMO, storage=str(tmp_path))
+    drawn = sample(plan.space, 60)
+    for params in drawn:
+        expected = {"method.name", "train.lr"} | ({"method.temperature"} if params["method.name"] == "kd" else set())
+        assert set(params) == expected, params
+    assert {p["method.name"] for p in drawn} == {"erm", "kd"}
+
+    # all.yaml: six methods, explicit `when` on top of the implicit method condition
+    plan = tune.make_plan(ALL, [f"dataset.root={fake_pacs(tmp_path / 'PACS')}"], str(tmp_path))
+    drawn = sample(plan.space, 200)
+    seen = collections.defaultdict(set)
+    for params in drawn:
+        seen[params["method.name"]] |= set(params)
+    common = {"method.name", "student.backbone", "train.lr"}
+    assert seen == {
+        "erm": common,
+        "kd": common | {"method.temperature", "method.kd_weight"},
+        "rise": common | {"method.temperature", "method.kd_weight", "method.distance_weight", "method.loss_type"},
+        "scmd": common | {"method.temperature", "method.kd_weight", "method.cm_weight", "method.k",
+                          "method.selection_ratio"},
+        "vl2v": common | {"method.lam"},
+        "li": common | {"method.filter_misclassified"},
+    }
+
+
+def test_conditions_on_choices_and_fixed_values(tmp_path):
+    data = tiny(tmp_path, "cond", search={"space": {
+        "train.optimizer": {"choice": ["adam", "sgd"]},
+        "train.momentum": {"uniform": [0.5, 0.99], "when": {"train.optimizer": "sgd"}},
+        "train.weight_decay": {"loguniform": [1e-6, 1e-3], "when": {"train.augment": True}},  # fixed: holds
+        "method.temperature": {"uniform": [1.0, 2.0]},  # erm is fixed: no temperature
+    }})
+    with pytest.raises(ConfigError) as err:
+        tune.make_plan(write(tmp_path, data))
+    assert any("method.temperature: 'temperature' is a hyperparameter of ['kd'" in p for p in err.value.problems)
+    del data["search"]["space"]["method.temperature"]
+    plan = tune.make_plan(write(tmp_path, data))
+    for params in sample(plan.space, 40):
+        assert ("train.momentum" in params) == (params["train.optimizer"] == "sgd")
+        assert "train.weight_decay" in params
+    data["search"]["space"]["train.weight_decay"]["when"] = {"train.augment": False}
+    with pytest.raises(ConfigError, match="never holds: train.augment is not searched and is fixed to True"):
+        tune.make_plan(write(tmp_path, data))
+
+
+def test_the_space_pickles_and_resamples_identically(tmp_path):
+    plan = tune.make_plan(DEMO, storage=str(tmp_path))
+    clone = pickle.loads(pickle.dumps(plan.space))
+    assert sample(clone, 15, seed=3) == sample(plan.space, 15, seed=3)
+    assert pickle.loads(pickle.dumps(tune.SweepTrial(plan.raw, "demo", "photo", 0, None, "/x", "sqlite:////x")))
+
+
+def test_trial_config_takes_each_methods_own_defaults(tmp_path):
+    plan = tune.make_plan(ALL, [f"dataset.root={fake_pacs(tmp_path / 'PACS')}"], str(tmp_path))
+    from distill.methods import REGISTRY
+
+    rise = tune.trial_cfg(plan.raw, {"method.name": "rise", "method.temperature": 2.5, "train.lr": 1e-4},
+                          "photo", 2)
+    assert rise["method"] == {**REGISTRY["rise"].hparams, "name": "rise", "temperature": 2.5}
+    assert (rise["test_domain"], rise["seed"], rise["train"]["lr"]) == ("photo", 2, 1e-4)
+    assert "search" not in rise and "seeds" not in rise
+    assert tune.trial_cfg(plan.raw, {"method.name": "erm"}, "sketch", 0)["method"] == {"name": "erm"}
+    assert Path(rise["storage"]).is_absolute() and Path(rise["dataset"]["root"]).is_absolute()
+
+
+def test_resume_guards(tmp_path):
+    path = write(tmp_path, tiny(tmp_path, "guard", search={"num_samples": 2}))
+    plan = tune.make_plan(path)
+    plan.sweep_dir.mkdir(parents=True)
+    (plan.sweep_dir / tune.SWEEP_FILE).write_text(json.dumps({"fingerprint": plan.fingerprint()}))
+    with pytest.raises(ConfigError, match="pass --resume"):
+        tune.run_sweep(plan)
+    other = tune.make_plan(path, ["search.num_samples=3"])
+    with pytest.raises(ConfigError, match="different config"):
+        tune.run_sweep(other, resume=True)
+
+
+# ------------------------------------------------------------------------------------------------------ end to end
+def _sampler_seed_with_a_failing_trial(plan, n):
+    """A sampler seed whose first n draws hold erm, a good kd and a kd with temperature 0 (a NaN loss)."""
+    for seed in range(200):
+        drawn = sample(plan.space, n, seed=seed)
+        kinds = {(p["method.name"], p.get("method.temperature")) for p in drawn}
+        if ("kd", 0.0) in kinds and ("kd", 4.0) in kinds and any(m == "erm" for m, _ in kinds):
+            return seed, drawn
+    raise AssertionError("no seed found")
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypatch):
+    import mlflow
+    import optuna
+    from ray.util import placement_group_table
+
+    uri = f"sqlite:///{session_storage / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    data = tiny(session_storage, "tiny", search={
+        "num_samples": 3, "max_concurrent": 2, "scheduler": "asha", "asha": {"grace_period": 1},
+        "max_failures": 0,
+        "space": {"method.name": {"choice": ["erm", "kd"]},
+                  "method.temperature": {"choice": [0.0, 4.0]},  # 0: a NaN loss, the trial fails
+                  "train.lr": {"loguniform": [1e-3, 3e-3]}}})
+    plan = tune.make_plan(write(tmp_path, data))
+    seed, drawn = _sampler_seed_with_a_failing_trial(plan, 3)
+    data["search"]["sampler_seed"] = seed
+    plan = tune.make_plan(write(tmp_path, data))
+
+    t0 = time.time()
+    results = tune.run_sweep(plan)
+    print(f"tiny sweep: {time.time() - t0:.0f}s")
+    sweep_dir = plan.sweep_dir
+    rows = report.load_rows(sweep_dir)
+    ends = {e["trial_id"]: e for e in report.load_events(sweep_dir)}
+    assert len(ends) == 3
+    # the same draws Optuna gave the sampler directly
+    assert sorted(json.dumps(e["params"], sort_keys=True) for e in ends.values()) == \
+        sorted(json.dumps(p, sort_keys=True) for p in drawn)
+
+    # a NaN trial fails alone, with its reason in Tune's results, the rows' events and its MLflow run
+    failed = [e for e in ends.values() if e["status"] == "error"]
+    assert [e["params"].get("method.temperature") for e in failed] == [0.0]
+    assert "FloatingPointError" in failed[0]["error"] or "non-finite" in failed[0]["error"]
+    summary = json.loads((sweep_dir / "searches" / "sketch-s0.json").read_text())
+    assert summary["finished"] and len(summary["errors"]) == 1 and summary["trials"] == 3
+    ok = [e for e in ends.values() if e["status"] != "error"]
+    assert len(ok) == 2 and all(e["status"] in ("completed", "early_stopped") for e in ok)
+    for e in ok:
+        steps = [r["step"] for r in rows if r["trial_id"] == e["trial_id"]]
+        assert steps == ([5, 10] if e["status"] == "completed" else [5])
+
+    # MLflow: one parent run, nested children with the per-step and per-domain metrics
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny")
+    parents = client.search_runs([exp.experiment_id], "tags.`distill.role` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert {"test_acc/sketch", "test_acc_avg", "oracle_test_acc/sketch"} <= set(parent.data.metrics)
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
+    assert {"results/results.md", "results/results.json", "results/trials.jsonl"} <= arts
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {
+        "plots/accuracy.png", "plots/val_vs_test.png", "plots/history.png"}
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 3
+    by_name = {c.data.tags["distill.run_name"]: c for c in children}
+    for e in ends.values():
+        child = by_name[e["train_run"]]
+        if e["status"] == "error":
+            assert child.info.status == "FAILED"
+            assert "non-finite" in child.data.tags["distill.failure"] or "FloatingPoint" in \
+                child.data.tags["distill.failure"]
+            continue
+        assert child.info.status == "FINISHED"
+        assert {"val_acc", "val_acc_best", "test_acc", "test_out_acc", "val_acc/photo", "val_acc/cartoon",
+                "val_acc/painting", "loss"} <= set(child.data.metrics)
+        history = client.get_metric_history(child.info.run_id, "val_acc")
+        assert sorted(h.step for h in history) == [r["step"] for r in rows if r["trial_id"] == e["trial_id"]]
+
+    # selection on the real rows: the (trial, step) with the best source-validation accuracy, its test accuracy
+    best = max(rows, key=lambda r: r["val_acc"])
+    sel = next(s for s in results["selected"]["validation"] if s["method_group"] == report.overall_group(results))
+    assert sel["val_acc"] == best["val_acc"] and sel["test_acc"] == pytest.approx(
+        next(r["test_acc"] for r in rows if (r["trial_id"], r["step"]) == (sel["trial_id"], sel["step"])))
+    on_disk = json.loads((sweep_dir / "results.json").read_text())
+    assert on_disk["selected"]["validation"][-1]["checkpoint_path"]
+    for name in ("results.md", "results.csv", "plots/accuracy.png", "plots/history.png", "plots/val_vs_test.png"):
+        assert (sweep_dir / name).exists(), name
+    # the selected model, registered (or at least tagged)
+    selected = by_name[sel["train_run"]]
+    assert client.get_run(selected.info.run_id).data.tags.get("distill.selected") == "true"
+    versions = client.search_model_versions("name = 'tiny-sketch'")
+    assert [v.run_id for v in versions] == [selected.info.run_id]
+
+    # the searcher saw source validation only: each Optuna value is the trial's best val_acc, each intermediate
+    # value its val_acc_best at that round, never a test-domain accuracy
+    study = optuna.load_study(study_name="tiny:sketch-s0", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    vals = {}
+    for r in rows:
+        vals.setdefault(json.dumps(r["params"], sort_keys=True), []).append(r)
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        trs = vals[json.dumps(t.params, sort_keys=True)]
+        assert t.value == pytest.approx(max(r["val_acc"] for r in trs))
+        assert sorted(t.intermediate_values.values()) == pytest.approx(sorted(r["val_acc_best"] for r in trs))
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 2
+
+    # no placement group left behind
+    time.sleep(2)
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, session_storage, tmp_path):
+    import mlflow
+    import ray
+
+    uri = f"sqlite:///{session_storage / 'mlflow.db'}"
+    data = tiny(session_storage, "resume", test_domains=["photo"], search={
+        "num_samples": 2, "max_concurrent": 1, "space": {"train.lr": {"loguniform": [1e-3, 3e-3]}}})
+    path = write(tmp_path, data)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "distill.tune", "--space", str(path)]
+    sweep_dir = Path(session_storage) / "resume"
+    rows_file = sweep_dir / "trials.jsonl"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
+    first = None
+    try:
+        while time.time() - t0 < 400 and proc.poll() is None:
+            ends = [e for e in report.read_jsonl(rows_file) if e.get("event") == "end"] if rows_file.exists() else []
+            if ends:
+                first = ends[0]
+                break
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the driver dies; Ray ends its job's actors and placement groups
+        proc.wait()
+        log.close()
+    assert first is not None and first["status"] == "completed", (tmp_path / "first.log").read_text()[-3000:]
+    rows_before = [r for r in report.read_jsonl(rows_file) if r["trial_id"] == first["trial_id"]]
+
+    t1 = time.time()
+    second = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    print(f"resume: {time.time() - t1:.0f}s")
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+
+    raw = report.read_jsonl(rows_file)
+    evals = [r for r in raw if r.get("event") == "eval"]
+    # the finished trial was not run again: its rows are exactly those it wrote before the kill
+    assert [r for r in raw if r["trial_id"] == first["trial_id"] and r["event"] == "eval"] == \
+        [r for r in rows_before if r["event"] == "eval"]
+    assert sorted(r["step"] for r in evals if r["trial_id"] == first["trial_id"]) == [5, 10]
+    others = {r["trial_id"] for r in evals} - {first["trial_id"]}
+    assert len(others) == 1
+    assert {r["step"] for r in evals if r["trial_id"] in others} == {5, 10}
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("resume")
+    parents = client.search_runs([exp.experiment_id], "tags.`distill.role` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # found again, not duplicated
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    done = next(c for c in children if c.data.tags["distill.run_name"] == first["train_run"])
+    steps = [h.step for h in client.get_metric_history(done.info.run_id, "val_acc")]
+    assert sorted(steps) == [5, 10]  # not evaluated twice
+    results = json.loads((sweep_dir / "results.json").read_text())
+    assert results["counts"]["trials"] == 2
