@@ -30,7 +30,10 @@ class UnreadableImageError(RuntimeError):
 
 @dataclass
 class ImageSet:
-    """A decoded dataset: row i is ``paths[i]`` with label ``labels[i]`` and domain ``domains[i]``."""
+    """A decoded dataset: row i is ``paths[i]`` with label ``labels[i]`` and domain ``domains[i]``.
+
+    ``images`` may be memory-mapped from the cache: treat it as read-only.
+    """
 
     spec: DatasetSpec
     images: torch.Tensor          # uint8 [N, 3, S, S]
@@ -91,7 +94,8 @@ def list_images(root: str | os.PathLike, spec: DatasetSpec) -> list[tuple[str, i
                     files.append((path.relative_to(root).as_posix(), path.stat().st_size))
     files.sort()
     if not files:
-        raise DatasetError(f"dataset {spec.name}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<domain>/<class>/")
+        raise DatasetError(f"dataset {spec.name}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                           f"under {root}/<domain>/<class>/")
     return files
 
 
@@ -165,7 +169,6 @@ def load_images(root: str | os.PathLike, spec: DatasetSpec, store_size: int, ski
 
     images = torch.empty(len(paths), 3, store_size, store_size, dtype=torch.uint8)
     ok = torch.ones(len(paths), dtype=torch.bool)
-    skipped = []
 
     def one(i: int) -> None:
         try:
@@ -188,8 +191,8 @@ def load_images(root: str | os.PathLike, spec: DatasetSpec, store_size: int, ski
     else:
         for i in range(len(paths)):
             one(i)
-    if not ok.all():
-        skipped = [p for p, good in zip(paths, ok.tolist()) if not good]
+    skipped = [p for p, good in zip(paths, ok.tolist()) if not good]
+    if skipped:
         keep = torch.nonzero(ok).flatten()
         images, paths = images[keep], [paths[i] for i in keep.tolist()]
         if not paths:

@@ -169,8 +169,8 @@ def get_spec(name: str, root: str | os.PathLike | None = None) -> DatasetSpec:
         spec = _infer(root)
     else:
         spec = _lookup(name)
-        if root is None or not root.exists():
-            return copy.deepcopy(spec)
+        if root is None or not root.exists() or (spec.name == "synth" and not (root / "world.json").is_file()):
+            return copy.deepcopy(spec)   # nothing to check (yet): a synth world is drawn into its root on demand
         _check_layout(spec, root)
     descriptions_file = root / "descriptions.json"
     if descriptions_file.is_file():
@@ -187,20 +187,29 @@ def validate_dataset(name: str, root: str | os.PathLike | None, test_domains: st
     """Every problem with a dataset choice, as readable sentences (empty when it is usable). Cheap: no decoding."""
     if isinstance(test_domains, str):
         test_domains = [test_domains]
-    is_folder = str(name).lower() == FOLDER
+    is_folder, is_synth = str(name).lower() == FOLDER, str(name).lower() == "synth"
+    spec = None
     if not is_folder:
         try:
-            _lookup(name)
+            spec = _lookup(name)
         except DatasetError as e:
             return [str(e)]
-    is_synth = str(name).lower() == "synth"
-    if root is None and not is_synth:
-        return [f"dataset {name}: dataset.root is required"]
-    if root is not None and not Path(root).expanduser().exists() and not is_synth:
-        return [f"dataset {name}: root {root} does not exist"]
-    try:
-        spec = get_spec(name, root)
-    except (DatasetError, OSError, json.JSONDecodeError) as e:
-        return [str(e)]
-    return [f"dataset {spec.name}: unknown test domain {d!r}; valid: {', '.join(spec.domains)}"
-            for d in test_domains if d not in spec.domains]
+    problems = []
+    path = Path(root).expanduser() if root is not None else None
+    if path is None and not is_synth:
+        problems.append(f"dataset {name}: dataset.root is required")
+    elif path is not None and not path.exists() and not is_synth:
+        problems.append(f"dataset {name}: root {root} does not exist")
+    elif is_synth and path is not None and path.is_dir() and any(path.iterdir()) \
+            and not (path / "world.json").is_file():
+        problems.append(f"dataset synth: root {root} is not empty and holds no world.json; "
+                        f"the world will not be drawn over it")
+    else:
+        try:
+            spec = get_spec(name, root)
+        except (DatasetError, OSError, json.JSONDecodeError) as e:
+            problems.append(str(e))
+    if spec is not None:
+        problems += [f"dataset {spec.name}: unknown test domain {d!r}; valid: {', '.join(spec.domains)}"
+                     for d in test_domains if d not in spec.domains]
+    return problems

@@ -6,8 +6,8 @@ one, while the shape is the only feature that transfers. Each style also has its
 bokeh in photo, construction lines and hatching in sketch, round corners, faces and screentones in cartoon, blur and
 brush streaks in painting), so that features learnt on three styles transfer imperfectly to the fourth.
 
-Every image is a pure function of (seed, domain, class, i), drawn with numpy's PCG64 and PIL primitives (no fonts,
-no threads) and stored as uncompressed PNG (no zlib differences), so a world's bytes depend only on the seed and the
+Every image is a pure function of (seed, domain, class, i), drawn with numpy's PCG64 and PIL primitives (no fonts)
+and stored as uncompressed PNG (no zlib differences), so a world's bytes depend only on the seed and the
 Pillow version.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ COLOURS = {
 }
 COLOUR_NAMES = list(COLOURS)
 CUE_PROB = 0.8
-VERSION = 1             # bump when the drawing changes: the marker then no longer matches and the world is redrawn
+VERSION = 2             # bump when the drawing changes: the marker then no longer matches and the world is redrawn
 SUPERSAMPLE = 4         # shapes are drawn at SUPERSAMPLE x size and box-filtered down (anti-aliasing)
 
 ATTRIBUTES = {
@@ -111,16 +111,13 @@ def _cover(polys: list[np.ndarray], n: int, width: float | None = None) -> np.nd
 
 
 def _puffy(poly: np.ndarray, n: int, round_radius: float, width: float) -> tuple[np.ndarray, np.ndarray]:
-    """Coverage [n, n] of the polygon with rounded corners, and of its outline (``width`` px thick)."""
+    """Coverage [n, n] of the polygon with rounded corners, and of an outline about ``width`` px thick around it."""
     big = n * SUPERSAMPLE
     img = Image.new("L", (big, big), 0)
     ImageDraw.Draw(img).polygon([tuple(p) for p in (poly * SUPERSAMPLE).round(2)], fill=255)
-    img = img.filter(ImageFilter.GaussianBlur(float(round_radius) * SUPERSAMPLE / 2))
-    img = img.point(lambda v: 255 if v > 127 else 0)
-    k = 2 * max(1, round(width * SUPERSAMPLE / 2)) + 1
-    grown = np.asarray(img.filter(ImageFilter.MaxFilter(k)), np.int16)
-    eroded = np.asarray(img.filter(ImageFilter.MinFilter(k)), np.int16)
-    edge = Image.fromarray((grown - eroded).astype(np.uint8), "L")
+    img = img.filter(ImageFilter.GaussianBlur(float(round_radius) * SUPERSAMPLE / 2)).point(lambda v: 255 * (v > 127))
+    # the band where a blurred copy is neither ~0 nor ~1 straddles the edge: about 2.8 sigma wide
+    edge = img.filter(ImageFilter.GaussianBlur(width * SUPERSAMPLE / 2.8)).point(lambda v: 255 * (20 < v < 235))
 
     def shrink(im):
         return np.asarray(im.resize((n, n), Image.Resampling.BOX), np.float32) / 255.0
@@ -184,16 +181,18 @@ def _photo(rng, n, poly, rgb):
 
 
 def _sketch(rng, n, poly, rgb):
-    """Light paper with grey construction lines; the shape hatched with coloured pencil strokes and outlined by
-    2-3 jittery strokes."""
+    """Light paper with grey construction lines; the shape hatched (sometimes cross-hatched) in coloured pencil and
+    loosely outlined by 1-3 jittery strokes."""
     paper = rng.uniform(225, 250) + np.array([4, 2, -6]) * rng.uniform(0, 1)
-    graphite = 0.6 * _cover(_lines(rng, n, int(rng.integers(3, 7))), n, width=n * 0.025)[..., None]
+    graphite = 0.6 * _cover(_lines(rng, n, int(rng.integers(4, 9))), n, width=n * 0.025)[..., None]
     out = paper * (1 - graphite) + rng.uniform(80, 140) * graphite
     yy, xx = _grid(n)
     ang, period = rng.uniform(0, np.pi), rng.uniform(0.09, 0.14)
-    hatch = np.clip(2.5 * np.cos(2 * np.pi * (xx * math.cos(ang) + yy * math.sin(ang)) / period) - 1.0, 0, 1)
-    passes = [poly + rng.normal(0, n * 0.012, poly.shape) for _ in range(int(rng.integers(2, 4)))]
-    stroke = np.maximum(0.9 * _cover(passes, n, width=n * 0.028), 0.8 * hatch * _cover([poly], n))[..., None]
+    directions = [ang, ang + np.pi / 2 + rng.uniform(-0.3, 0.3)][:1 + int(rng.random() < 0.5)]
+    hatch = np.max([np.clip(2.5 * np.cos(2 * np.pi * (xx * math.cos(a) + yy * math.sin(a)) / period) - 1.0, 0, 1)
+                    for a in directions], axis=0)
+    passes = [poly + rng.normal(0, n * 0.015, poly.shape) for _ in range(int(rng.integers(1, 4)))]
+    stroke = np.maximum(0.7 * _cover(passes, n, width=n * 0.028), 0.8 * hatch * _cover([poly], n))[..., None]
     ink = rgb * rng.uniform(0.55, 0.85)
     return out * (1 - stroke) + ink * stroke + rng.normal(0, 4, (n, n, 3))
 
@@ -223,15 +222,17 @@ def _cartoon(rng, n, poly, rgb):
 
 
 def _painting(rng, n, poly, rgb):
-    """Blotchy background with directional brush streaks, a mottled fill with soft ragged edges."""
-    base = _hsv(rng.uniform(0, 1), rng.uniform(0.2, 0.5), rng.uniform(0.45, 0.8))
-    blotches = _upsample(base + rng.normal(0, 35, (6, 6, 3)), n)
+    """Blotchy background (hue away from the shape's) with directional brush streaks; a mottled fill with soft ragged
+    edges."""
+    hue = colorsys.rgb_to_hsv(*(rgb / 255))[0] + rng.uniform(0.25, 0.75)
+    base = _hsv(hue, rng.uniform(0.2, 0.5), rng.uniform(0.45, 0.8))
+    blotches = _upsample(base + rng.normal(0, 22, (6, 6, 3)), n)
     streak = Image.fromarray(np.clip(128 + rng.normal(0, 60, (n // 8 + 1, 2 * n)), 0, 255).astype(np.uint8), "L")
     streak = streak.resize((2 * n, 2 * n), Image.Resampling.BICUBIC).rotate(rng.uniform(0, 180),
                                                                               Image.Resampling.BILINEAR)
     streak = np.asarray(streak.crop((n // 2, n // 2, n // 2 + n, n // 2 + n)), np.float32)[..., None] / 128 - 1
-    m = _blur(_cover([poly + rng.normal(0, n * 0.015, poly.shape)], n) * 255, n * 0.02)[..., None] / 255
-    fill = _upsample(rgb + rng.normal(0, 40, (n // 4, n // 4, 3)), n)
+    m = _blur(_cover([poly + rng.normal(0, n * 0.012, poly.shape)], n) * 255, n * 0.015)[..., None] / 255
+    fill = _upsample(rgb + rng.normal(0, 30, (n // 4, n // 4, 3)), n)
     return (blotches * (1 - m) + fill * m) * (1 + 0.25 * streak) + rng.normal(0, 6, (n, n, 3))
 
 
