@@ -259,9 +259,7 @@ def parse_space(space: Any, base: dict, where: str = "search.space") -> tuple[li
                 ok = False
                 continue
             else:  # a fixed value of the base config
-                fixed = get_dotted(base, ckey)
-                if fixed is None and is_hp:
-                    fixed = hparams.get(base_method, {}).get(ckey[len("method."):])
+                fixed = _fixed_value(base, ckey, hparams)
                 if not _among(fixed, allowed):
                     problems.append(f"{at}: never holds: {ckey} is not searched and is fixed to {fixed!r}")
                     ok = False
@@ -284,15 +282,18 @@ def parse_space(space: Any, base: dict, where: str = "search.space") -> tuple[li
         pending = [k for k in pending if k not in ready]
     params = [Param(k, parsed[k]["kind"], tuple(parsed[k]["values"]), parsed[k]["when"] or (), parsed[k]["methods"])
               for k in order if parsed[k]["when"] is not None]
-    fixed = {}
-    for p in params:
-        for ckey, _ in p.when:
-            if ckey not in parsed:
-                fixed[ckey] = get_dotted(base, ckey, hparams.get(base_method, {}).get(ckey[len("method."):])
-                                         if ckey.startswith("method.") else None)
+    fixed = {ckey: _fixed_value(base, ckey, hparams) for p in params for ckey, _ in p.when if ckey not in parsed}
     if "method.name" not in parsed:
         fixed["method.name"] = base_method
     return params, fixed, problems
+
+
+def _fixed_value(base: dict, key: str, hparams: dict[str, dict]) -> Any:
+    """A key's value in the base config; a method hyperparameter the file does not set: the method's default."""
+    value = get_dotted(base, key)
+    if value is None and key.startswith("method.") and key != "method.name":
+        value = hparams.get(get_dotted(base, "method.name"), {}).get(key[len("method."):])
+    return value
 
 
 def _check_distribution(at: str, kind: str, args: Any, problems: list[str]) -> tuple | None:
@@ -832,6 +833,22 @@ def concurrency(plan: Plan) -> tuple[int, str]:
     return n, why
 
 
+def _give_trials_the_ray_address() -> None:
+    """Ray Train's PlacementGroupCleaner (it frees a trial's workers when Tune kills the trial, e.g. an ASHA stop)
+    finds its cluster through RAY_ADDRESS, else by looking for GCS processes on the machine, which fails where
+    several Ray instances run (a shared machine): the stopped trial's placement group then leaks and later trials
+    wait for its CPUs forever. Tune puts `DEFAULT_ENV_VARS` into every trial actor's runtime_env, which the
+    trial's TorchTrainer controller and cleaner inherit: give them the address of this cluster."""
+    import ray
+
+    try:
+        from ray.tune.execution import class_cache
+
+        class_cache.DEFAULT_ENV_VARS["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    except (ImportError, AttributeError) as exc:  # a Ray without this hook: the cleaner looks for itself
+        print(f"[distill.tune] note: could not pass RAY_ADDRESS to trials ({exc})", flush=True)
+
+
 def _parent_run(plan: Plan, sweep_id: str) -> str:
     """The sweep's parent MLflow run, found again by its `distill.sweep_id` tag on resume (never duplicated)."""
     uri = plan.tracking_uri
@@ -995,6 +1012,7 @@ def run_sweep(plan: Plan, resume: bool = False) -> dict:
     (sweep_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2, default=str))
 
     ensure_ray()
+    _give_trials_the_ray_address()
     n_concurrent, why = concurrency(plan)
     print(describe(plan, why), flush=True)
     parent = _parent_run(plan, state["sweep_id"])

@@ -16,10 +16,18 @@ from distill.models.prompts import TEMPLATES, PromptError, class_prompts, descri
 from distill.models.teachers import (Teacher, TeacherError, TeacherUnavailableError, UnknownArchError, load_teacher,
                                      teacher_id, validate_teacher)
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 ARCH = "distill-tiny-rn"
 CLASSES = ["circle", "square", "triangle", "star", "cross"]
 DOMAINS = ["photo", "sketch", "cartoon", "painting"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: small models gain little from two, and lose a lot when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -169,14 +177,14 @@ def test_caption_variants_include_short_and_style_free_forms():
 
 
 def test_fit_is_seeded_deterministic_and_can_start_from_a_checkpoint(random_ckpt):
-    data = _toy()
-    a = fit_clip(data, steps=3, batch_size=16, seed=3, log=None).state_dict()
-    b = fit_clip(data, steps=3, batch_size=16, seed=3, log=None).state_dict()
+    data = _toy(24)
+    a = fit_clip(data, steps=2, batch_size=8, seed=3, log=None).state_dict()
+    b = fit_clip(data, steps=2, batch_size=8, seed=3, log=None).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = fit_clip(data, steps=3, batch_size=16, seed=4, log=None).state_dict()
+    c = fit_clip(data, steps=2, batch_size=8, seed=4, log=None).state_dict()
     assert not all(torch.equal(a[k], c[k]) for k in a)
     start = torch.load(random_ckpt, weights_only=True)
-    tuned = fit_clip(data, init=str(random_ckpt), steps=2, batch_size=16, seed=0, log=None).state_dict()
+    tuned = fit_clip(data, init=str(random_ckpt), steps=2, batch_size=8, seed=0, log=None).state_dict()
     moved = [k for k in start if start[k].dtype.is_floating_point and not torch.equal(start[k], tuned[k])]
     assert moved and tuned["text_projection"].shape == start["text_projection"].shape
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .prompts import class_prompts
-from .teachers import Teacher, TeacherError, load_teacher, normalize_arch, teacher_id
+from .teachers import Teacher, arch_image_size, load_teacher, normalize_arch
 
 DEFAULT_ARCH = "distill-tiny-rn"
 DEFAULTS = {"steps": 400, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.1, "warmup": 50}
@@ -110,19 +110,21 @@ def load_captioned(root: str | os.PathLike, dataset: str = "synth", size: int = 
 # training
 
 
-def light_augment(x01: torch.Tensor, generator: torch.Generator, scale=(0.75, 1.0)) -> torch.Tensor:
-    """Batched random resized crop (square, area fraction in ``scale``) + horizontal flip; no colour changes
-    (captions name colours)."""
+def light_augment(x01: torch.Tensor, generator: torch.Generator, scale=(0.6, 1.0), rotate: bool = True) -> torch.Tensor:
+    """Batched geometric augmentation, no colour changes (captions name colours): random resized crop (square,
+    area fraction in ``scale``), horizontal flip, and a random rotation when ``rotate``."""
     n = x01.shape[0]
     s = torch.empty(n).uniform_(*scale, generator=generator).sqrt()
     tx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - s)
     ty = (torch.rand(n, generator=generator) * 2 - 1) * (1 - s)
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    a = torch.rand(n, generator=generator) * 2 * math.pi if rotate else torch.zeros(n)
+    cos, sin = torch.cos(a), torch.sin(a)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = s * flip, tx
-    theta[:, 1, 1], theta[:, 1, 2] = s, ty
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = s * cos * flip, -s * sin, tx
+    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = s * sin * flip, s * cos, ty
     grid = F.affine_grid(theta, list(x01.shape), align_corners=False)
-    return F.grid_sample(x01, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(x01, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
@@ -264,11 +266,8 @@ def fit_teacher(data_root: str | os.PathLike, out: str | os.PathLike, dataset: s
                 weight_decay: float = DEFAULTS["weight_decay"], seed: int = 0, domains: Sequence[str] | None = None,
                 cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Fit, save ``out`` (+ ``out`` with ``.json``: settings and zero-shot accuracies), and return that summary."""
-    import open_clip
-
     arch = normalize_arch(arch)
-    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"] if open_clip.get_model_config(arch) else 224
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    size = arch_image_size(arch) or 224
     data = load_captioned(data_root, dataset, size=size, cache_dir=cache_dir)
     train = data.select_domains(domains) if domains else data
     if log:
@@ -310,25 +309,33 @@ def _file_lock(path: Path):
         yield
 
 
+def _captions_hash(root: str | os.PathLike) -> str | None:
+    """sha1 of the root's manifest.jsonl and world.json: the image fingerprint (paths + file sizes) cannot tell
+    apart two synth worlds of the same shape (uncompressed PNGs of one size all have one file size)."""
+    h, found = hashlib.sha1(), False
+    for name in ("manifest.jsonl", "world.json"):
+        p = Path(root) / name
+        if p.is_file():
+            h.update(name.encode() + b"\0" + p.read_bytes())
+            found = True
+    return h.hexdigest() if found else None
+
+
 def ensure_teacher(storage: str | os.PathLike, data_root: str | os.PathLike, dataset: str = "synth",
                    arch: str = DEFAULT_ARCH, steps: int = DEFAULTS["steps"], seed: int = 0,
                    log: Callable[[str], None] | None = print, **fit_kwargs) -> Path:
     """The fitted teacher for (data, steps, seed, arch), fitted on first use and cached at
     ``<storage>/teachers/<arch>-<hash>.pt`` (zero-shot accuracies in ``<...>.pt.json``)."""
-    import open_clip
+    from ..data.images import fingerprint, list_images
+    from ..data.registry import get_spec
 
     arch = normalize_arch(arch)
     storage = Path(storage).expanduser().absolute()
-    cfg = open_clip.get_model_config(arch)
-    size = cfg["vision_cfg"]["image_size"] if cfg else 224
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    from ..data.images import load_images
-    from ..data.registry import get_spec
-
-    images = load_images(data_root, get_spec(dataset, data_root), store_size=size, skip_unreadable=True,
-                         cache_dir=storage / "cache")
-    settings = {"fingerprint": images.fingerprint, "steps": int(steps), "seed": int(seed), "arch": arch,
-                "dataset": dataset, "fit_version": FIT_VERSION, **{k: fit_kwargs[k] for k in sorted(fit_kwargs)}}
+    size = arch_image_size(arch) or 224
+    files = list_images(data_root, get_spec(dataset, data_root))     # no decoding: paths and sizes
+    settings = {"fingerprint": fingerprint(files, size), "captions": _captions_hash(data_root), "steps": int(steps),
+                "seed": int(seed), "arch": arch, "dataset": dataset, "fit_version": FIT_VERSION,
+                **{k: fit_kwargs[k] for k in sorted(fit_kwargs)}}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = storage / "teachers" / f"{arch}-{key}.pt"
     if path.is_file():

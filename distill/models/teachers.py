@@ -255,7 +255,8 @@ def _embed_dim(model) -> int:
         return dim
     with torch.no_grad():  # towers without an output_dim attribute: ask the text tower
         ctx = getattr(model, "context_length", None) or 77
-        return model.encode_text(torch.zeros(1, ctx, dtype=torch.long, device=next(model.parameters()).device)).shape[-1]
+        tokens = torch.zeros(1, ctx, dtype=torch.long, device=next(model.parameters()).device)
+        return model.encode_text(tokens).shape[-1]
 
 
 @contextlib.contextmanager
@@ -301,7 +302,14 @@ def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
         return False
 
 
-def _unavailable(arch: str, tag: str, reason: str) -> TeacherUnavailableError:
+def _unavailable(arch: str, tag: str | None, reason: str) -> TeacherUnavailableError:
+    if tag is None:
+        return TeacherUnavailableError(
+            f"the weights of teacher {arch} could not be fetched: {reason}.\n"
+            f"To supply them: on a machine with internet run\n"
+            f"    python -c \"import open_clip; open_clip.create_model('{arch}')\"\n"
+            f"which stores them in the Hugging Face cache (~/.cache/huggingface, or $HF_HOME); then copy that cache "
+            f"here and set HF_HOME to it.")
     return TeacherUnavailableError(
         f"the pretrained weights of teacher {arch} (pretrained={tag!r}) could not be fetched: {reason}.\n"
         f"To supply them: on a machine with internet run\n"
@@ -316,7 +324,8 @@ def _create(arch: str, pretrained: str | None, device: str, cache_dir: str | Non
     return open_clip.create_model(arch, pretrained=pretrained, device=device, cache_dir=cache_dir)
 
 
-def _create_from_tag(arch: str, tag: str, device: str, cache_dir: str | None):
+def _create_from_tag(arch: str, tag: str | None, device: str, cache_dir: str | None):
+    """open_clip model with downloadable weights (a pretrained tag, or an hf-hub: name with tag None)."""
     # 1) local caches only: never touches the network, fast when the weights are already there
     try:
         with _hf_offline(), _quiet_logging():
@@ -371,11 +380,8 @@ def load_teacher(arch: str, pretrained: str | None = None, checkpoint: str | os.
         model = _create_from_tag(arch, pretrained, device, cache_dir)
         tid = teacher_id(arch, pretrained=pretrained)
     else:
-        if schema:
-            try:
-                model = _create(arch, None, device, cache_dir)
-            except Exception as e:
-                raise _unavailable(arch, arch, str(e)) from e
+        if schema:   # hf-hub:org/repo or local-dir:/path: weights come with the name
+            model = _create_from_tag(arch, None, device, cache_dir)
             tid = arch
         else:
             model = _create(arch, None, device, cache_dir)
