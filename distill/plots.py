@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import ORACLE_METRIC, REPORTED, SELECTION_METRIC, select, trial_order
+from .report import REPORTED, SELECTION_METRIC, select, trial_order
 
 
 def _plt():
@@ -144,5 +144,3 @@ def make_all(results: dict, rows: list[dict], out_dir: str | Path) -> list[Path]
     return [accuracy_bars(results, out / "accuracy.png"), val_vs_test(results, rows, out / "val_vs_test.png"),
             history(rows, out / "history.png")]
 
-
-__all__ = ["accuracy_bars", "val_vs_test", "history", "make_all", "ORACLE_METRIC"]

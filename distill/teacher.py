@@ -29,15 +29,12 @@ def _fit(args) -> int:
     from .models.fit import fit_teacher
     from .models.teachers import normalize_arch
 
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     root = _data_root(args.data, args.dataset)
     out = args.out or Path("distill_runs") / "teachers" / (
         f"{normalize_arch(args.arch)}-{args.dataset}-steps{args.steps}-seed{args.seed}.pt")
     summary = fit_teacher(root, out, dataset=args.dataset, arch=args.arch, init=args.init, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                          domains=args.domains or None, cache_dir=args.cache_dir)
+                          domains=args.domains or None, cache_dir=args.cache_dir, threads=args.threads)
     print(f"checkpoint: {summary['checkpoint']}  (load with load_teacher({summary['arch']!r}, "
           f"checkpoint=...), or teacher.arch: {summary['arch']} + teacher.checkpoint: <path> in a config)")
     return 0
@@ -87,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--out", default=None, help="checkpoint path (default distill_runs/teachers/<arch>-...pt)")
     f.add_argument("--domains", nargs="*", help="train on these domain folders only (default: all)")
     f.add_argument("--cache-dir", default=None, help="keep decoded images here")
-    f.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    f.add_argument("--threads", type=int, default=DEFAULTS["threads"],
+                   help="torch CPU threads (default 1: fastest when the cores are shared)")
     f.set_defaults(func=_fit)
 
     z = sub.add_parser("zeroshot", help="per-domain zero-shot accuracy of a teacher")
@@ -105,11 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     z.set_defaults(func=_zeroshot)
 
     args = p.parse_args(argv)
+    from .data.registry import DatasetError
+    from .models.prompts import PromptError
     from .models.teachers import TeacherError
 
     try:
         return args.func(args)
-    except TeacherError as e:
+    except (TeacherError, DatasetError, PromptError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -346,7 +345,6 @@ class Plan:
     methods: list[str]  # the methods the sweep can choose
     results_root: str  # where Tune experiments and Train runs go: <storage> or a URI
     tracking_uri: str
-    extra: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -703,11 +701,8 @@ def finished_metrics(uri: str, sweep: str, run_name: str, steps: int) -> dict | 
     return {**metrics, "step": steps} if METRIC in metrics else None
 
 
-def trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
-
-
 def trial_name(trial) -> str:
+    """Tune's name and directory of a trial: short and stable (the default puts every sampled value in it)."""
     return f"trial_{trial.trial_id}"
 
 
@@ -926,7 +921,6 @@ def run_search(plan: Plan, test_domain: str, seed: int, parent_run_id: str, n_co
         SweepTrial(plan.raw, plan.name, test_domain, seed, parent_run_id, plan.train_root, plan.tracking_uri),
         TRIAL_RESOURCES)
     study_name = f"{plan.name}:{name}"
-    storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
     t0 = time.time()
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"[distill.tune] search {name}: resuming {exp_path}", flush=True)
@@ -935,14 +929,11 @@ def run_search(plan: Plan, test_domain: str, seed: int, parent_run_id: str, n_co
         if "://" not in exp_path and Path(exp_path).exists():
             shutil.rmtree(exp_path)  # a search killed before Tune saved any state: start it again
         _drop_rows(sweep_dir / ROWS_FILE, name)  # rows of trials of an attempt that can no longer be resumed
-        try:
-            optuna.delete_study(study_name=study_name, storage=storage)
-        except KeyError:
-            pass
         sampler = optuna.samplers.TPESampler(seed=plan.search["sampler_seed"], multivariate=True, group=True)
-        # metric/mode on the searcher too: with a define-by-run space OptunaSearch ignores TuneConfig's
-        searcher = OptunaSearch(space=plan.space, metric=METRIC, mode=MODE, sampler=sampler, study_name=study_name,
-                                storage=storage)
+        # metric/mode on the searcher too: with a define-by-run space OptunaSearch ignores TuneConfig's. The study
+        # lives in memory and is saved with Tune's experiment state, so a restored search gets the study as of its
+        # checkpoint (an RDB study runs ahead of it: a trial re-run after a kill could not report to it again)
+        searcher = OptunaSearch(space=plan.space, metric=METRIC, mode=MODE, sampler=sampler, study_name=study_name)
         scheduler = None
         if plan.search["scheduler"] == "asha":
             every = plan.cfg["train"]["eval_every"]
@@ -955,13 +946,14 @@ def run_search(plan: Plan, test_domain: str, seed: int, parent_run_id: str, n_co
             trainable,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                         num_samples=plan.search["num_samples"], max_concurrent_trials=n_concurrent,
-                                        trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
+                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=name, storage_path=plan.tune_root, callbacks=[log],
                                       failure_config=tune.FailureConfig(max_failures=plan.search["max_failures"]),
                                       verbose=1))
         print(f"[distill.tune] search {name}: {plan.search['num_samples']} trial(s), {n_concurrent} at a time",
               flush=True)
     grid = tuner.fit()
+    export_study(exp_path, sweep_dir / "optuna.db", study_name)
     states = [r.metrics.get("trial_id") for r in grid]
     errors = [{"trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name.replace("trial_", ""),
                "error": error_reason(str(r.error))} for r in grid if r.error is not None]
@@ -971,6 +963,28 @@ def run_search(plan: Plan, test_domain: str, seed: int, parent_run_id: str, n_co
                "seconds": round(time.time() - t0, 1), "experiment": exp_path, "study": study_name,
                "trial_ids": states}
     return summary
+
+
+def export_study(exp_path: str, db: Path, study_name: str) -> None:
+    """The search's Optuna study, as Tune saved it with the experiment, copied into `optuna.db` (sqlite) for
+    inspection (optuna.load_study, optuna-dashboard). Never read back: the experiment's copy is the searcher's."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    try:
+        searcher = OptunaSearch()
+        searcher.restore_from_dir(exp_path)
+        study = searcher._ot_study
+        url = f"sqlite:///{db}"
+        try:
+            optuna.delete_study(study_name=study_name, storage=url)
+        except KeyError:
+            pass
+        exported = optuna.create_study(study_name=study_name, storage=url, directions=study.directions)
+        exported.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    except Exception as exc:  # noqa: BLE001 - a convenience copy: never fail the sweep for it
+        print(f"[distill.tune] could not export the Optuna study {study_name} ({type(exc).__name__}: {exc})",
+              flush=True)
 
 
 def _drop_rows(path: Path, search: str) -> None:

@@ -430,3 +430,17 @@ def test_erm_loses_on_the_held_out_style(world_images):
         torch.set_num_threads(threads)
     assert val > 0.7, f"ERM did not learn the source domains: val {val:.3f}"
     assert held_out < val - 0.2, f"no domain shift: source val {val:.3f}, held-out {held_out:.3f}"
+
+
+def test_worlds_of_different_seeds_do_not_share_a_cache_fingerprint(tmp_path):
+    """Same paths and file sizes (uncompressed 32-px PNGs), different pixels: the decoded-image cache must not mix them."""
+    from distill.data.images import load_images
+    from distill.data.registry import get_spec
+    from distill.data.synth import ensure_world
+
+    a = ensure_world(tmp_path / "a", seed=0, per_class=5)
+    b = ensure_world(tmp_path / "b", seed=7, per_class=5)
+    ia = load_images(a, get_spec("synth"), 32, cache_dir=tmp_path / "cache")
+    ib = load_images(b, get_spec("synth"), 32, cache_dir=tmp_path / "cache")
+    assert ia.paths == ib.paths and ia.fingerprint != ib.fingerprint
+    assert not torch.equal(ia.images, ib.images)

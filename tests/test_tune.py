@@ -4,7 +4,6 @@ mid-sweep then resumed."""
 from __future__ import annotations
 
 import collections
-import copy
 import json
 import os
 import pickle
@@ -368,7 +367,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, se
 
     uri = f"sqlite:///{session_storage / 'mlflow.db'}"
     data = tiny(session_storage, "resume", test_domains=["photo"], search={
-        "num_samples": 2, "max_concurrent": 1, "space": {"train.lr": {"loguniform": [1e-3, 3e-3]}}})
+        "num_samples": 2, "max_concurrent": 2, "space": {"train.lr": {"loguniform": [1e-3, 3e-3]}}})
     path = write(tmp_path, data)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "distill.tune", "--space", str(path)]
@@ -405,7 +404,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, se
     assert sorted(r["step"] for r in evals if r["trial_id"] == first["trial_id"]) == [5, 10]
     others = {r["trial_id"] for r in evals} - {first["trial_id"]}
     assert len(others) == 1
-    assert {r["step"] for r in evals if r["trial_id"] in others} == {5, 10}
+    # the other trial finished too (if the kill cut it, it resumed from its last checkpoint)
+    steps = {r["step"] for r in evals if r["trial_id"] in others}
+    assert 10 in steps and steps <= {5, 10}
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("resume")

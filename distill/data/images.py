@@ -158,6 +158,9 @@ def load_images(root: str | os.PathLike, spec: DatasetSpec, store_size: int, ski
     """
     files = list_images(root, spec)
     fp = fingerprint(files, store_size)
+    marker = Path(root) / "world.json"  # generated worlds: same paths and sizes for every seed, so hash the parameters
+    if marker.is_file():
+        fp = hashlib.sha1(f"{fp}\n{marker.read_text()}".encode()).hexdigest()
     paths = [rel for rel, _ in files]
     cached = cache_path(cache_dir, fp) if cache_dir is not None else None
     if cached is not None and cached.is_file():

@@ -26,7 +26,7 @@ from .prompts import class_prompts
 from .teachers import Teacher, arch_image_size, load_teacher, normalize_arch
 
 DEFAULT_ARCH = "distill-tiny-rn"
-DEFAULTS = {"steps": 400, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.1, "warmup": 50}
+DEFAULTS = {"steps": 400, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.1, "warmup": 50, "threads": 1}
 FIT_VERSION = 1   # bump when the recipe changes: cached teachers then get a new key
 
 
@@ -51,7 +51,8 @@ class Captioned:
         """The images of some domains (folder names); domain indices keep their meaning."""
         unknown = [d for d in folders if d not in self.domain_folders]
         if unknown:
-            raise ValueError(f"unknown domain(s) {', '.join(unknown)}; known: {', '.join(self.domain_folders)}")
+            from ..data.registry import DatasetError
+            raise DatasetError(f"unknown domain(s) {', '.join(unknown)}; known: {', '.join(self.domain_folders)}")
         wanted = torch.tensor([self.domain_folders.index(d) for d in folders])
         idx = torch.isin(self.domains, wanted).nonzero().flatten()
         fp = hashlib.sha1(f"{self.fingerprint}|{sorted(folders)}".encode()).hexdigest()
@@ -166,12 +167,24 @@ def format_report(report: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with ``n`` intra-op CPU threads (None: leave torch's setting), restoring the setting afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit_clip(data: Captioned, arch: str = DEFAULT_ARCH, init: str | None = None, steps: int = DEFAULTS["steps"],
              batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
              weight_decay: float = DEFAULTS["weight_decay"], warmup: int = DEFAULTS["warmup"], seed: int = 0,
              log: Callable[[str], None] | None = print, log_every: int = 50):
     """Train an open_clip model with ``ClipLoss``: from scratch (``init=None``) or from a checkpoint file / tag.
-    Returns the model (eval mode, on CPU)."""
+    Returns the model (eval mode, on CPU). Deterministic for a given seed and torch thread count."""
     import open_clip
     from open_clip.loss import ClipLoss
 
@@ -264,8 +277,19 @@ def fit_teacher(data_root: str | os.PathLike, out: str | os.PathLike, dataset: s
                 arch: str = DEFAULT_ARCH, init: str | None = None, steps: int = DEFAULTS["steps"],
                 batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
                 weight_decay: float = DEFAULTS["weight_decay"], seed: int = 0, domains: Sequence[str] | None = None,
-                cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = print) -> dict:
-    """Fit, save ``out`` (+ ``out`` with ``.json``: settings and zero-shot accuracies), and return that summary."""
+                cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = print,
+                threads: int | None = DEFAULTS["threads"]) -> dict:
+    """Fit, save ``out`` (+ ``out`` with ``.json``: settings and zero-shot accuracies), and return that summary.
+
+    ``threads``: torch CPU threads for the fit (default 1: this small model gains little from more, and loses
+    badly when the cores are shared with other work)."""
+    with torch_threads(threads):
+        return _fit_teacher(data_root, out, dataset, arch, init, steps, batch_size, lr, weight_decay, seed, domains,
+                            cache_dir, log)
+
+
+def _fit_teacher(data_root, out, dataset, arch, init, steps, batch_size, lr, weight_decay, seed, domains, cache_dir,
+                 log) -> dict:
     arch = normalize_arch(arch)
     size = arch_image_size(arch) or 224
     data = load_captioned(data_root, dataset, size=size, cache_dir=cache_dir)
@@ -335,7 +359,7 @@ def ensure_teacher(storage: str | os.PathLike, data_root: str | os.PathLike, dat
     files = list_images(data_root, get_spec(dataset, data_root))     # no decoding: paths and sizes
     settings = {"fingerprint": fingerprint(files, size), "captions": _captions_hash(data_root), "steps": int(steps),
                 "seed": int(seed), "arch": arch, "dataset": dataset, "fit_version": FIT_VERSION,
-                **{k: fit_kwargs[k] for k in sorted(fit_kwargs)}}
+                **{k: fit_kwargs[k] for k in sorted(fit_kwargs) if k not in ("threads", "cache_dir")}}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = storage / "teachers" / f"{arch}-{key}.pt"
     if path.is_file():
