@@ -38,8 +38,11 @@ def experiment_id(uri: str, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current directory of each process
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another driver
         exp = c.get_experiment_by_name(name)
         if exp is None:

@@ -446,4 +446,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the package module, so Ray pickles `train_loop` by reference, not as a __main__ function
+    from distill.train import main as _main
+
+    sys.exit(_main())
