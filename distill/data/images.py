@@ -137,7 +137,8 @@ def _labels(spec: DatasetSpec, paths: list[str]) -> tuple[torch.Tensor, torch.Te
             torch.tensor([dom[p[0]] for p in parts], dtype=torch.long))
 
 
-def _save_atomic(obj, path: Path) -> None:
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -201,6 +202,6 @@ def load_images(root: str | os.PathLike, spec: DatasetSpec, store_size: int, ski
         if not paths:
             raise DatasetError(f"dataset {spec.name}: every image under {root} is unreadable")
     if cached is not None:
-        _save_atomic({"images": images, "paths": paths, "skipped": skipped, "store_size": store_size}, cached)
+        save_atomic({"images": images, "paths": paths, "skipped": skipped, "store_size": store_size}, cached)
     labels, domains = _labels(spec, paths)
     return ImageSet(spec, images, labels, domains, paths, fp, skipped)

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..data.images import save_atomic
 from .teachers import Teacher, arch_embed_dim, arch_image_size, load_teacher, normalize_arch, teacher_id
 
 log = logging.getLogger(__name__)
@@ -49,18 +49,6 @@ def text_key(tid: str, rows: list[list[str]]) -> str:
 def image_key(tid: str, fingerprint: str, preprocess: str, image_size: int | None) -> str:
     return _key({"v": CACHE_VERSION, "kind": "images", "teacher": tid, "images": fingerprint,
                  "preprocess": preprocess, "image_size": image_size})
-
-
-def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load(path: Path):
@@ -117,7 +105,7 @@ def teacher_outputs(teacher_spec: dict, images, prompt_sets: dict[str, list[list
             reused.append(f"text:{name}")
         else:
             emb = get_teacher().class_text(rows).float().cpu()
-            _save_atomic({"text": emb, "rows": [list(r) for r in rows], "teacher_id": tid}, path)
+            save_atomic({"text": emb, "rows": [list(r) for r in rows], "teacher_id": tid}, path)
             text[name] = emb
             computed.append(f"text:{name}")
         embed_dim = text[name].shape[1]
@@ -137,7 +125,7 @@ def teacher_outputs(teacher_spec: dict, images, prompt_sets: dict[str, list[list
                 x01 = center(images.images[i:i + batch_size], t.image_size)
                 out.append(t.encode_images(x01, batch_size=batch_size).cpu())
             image_emb = F.normalize(torch.cat(out).float(), dim=-1).half()
-            _save_atomic({"emb": image_emb, "paths": list(images.paths), "teacher_id": tid,
+            save_atomic({"emb": image_emb, "paths": list(images.paths), "teacher_id": tid,
                           "fingerprint": images.fingerprint, "preprocess": preprocess, "image_size": t.image_size},
                          path)
             computed.append("images")
