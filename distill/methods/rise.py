@@ -37,17 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Method, MethodContext, full_precision, kd_loss, teacher_logits
+from ..models.prompts import TEMPLATES
 
-# The official code's 7-template ensemble (also the `rise` set of distill.models.prompts when that exists).
-RISE_TEMPLATES = [
-    "itap of a {c}.",
-    "a bad photo of the {c}.",
-    "a origami {c}.",
-    "a photo of the large {c}.",
-    "a {c} in a video game.",
-    "art of the {c}.",
-    "a photo of the small {c}.",
-]
+# The official code's 7-template ensemble: one list, shared with the prompt registry.
+RISE_TEMPLATES = TEMPLATES["rise"]
 # Anchors for datasets whose domains are not styles (VLCS, TerraIncognita), from the official code.
 NON_STYLE_ANCHORS = ["bright photo", "corrupted photo", "dark photo", "good photo"]
 ANCHOR_TEMPLATE = "a {anchor} of a {c}"
