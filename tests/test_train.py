@@ -91,6 +91,23 @@ def test_black_box_method_never_loads_teacher_weights_in_workers(ray_session, se
     assert result.metrics["step"] == 6
 
 
+@pytest.mark.parametrize("method, terms", [
+    ("rise", {"kd", "ce", "ad", "rd"}),
+    ("scmd", {"ce", "kd", "cm", "selected"}),
+    ("li", {"cls", "vlalign", "mse", "imcst"}),
+])  # erm, kd and vl2v run end to end in the tests above
+def test_each_method_runs_a_trial_end_to_end(ray_session, session_storage, mlflow_uri, method, terms):
+    result = run_trial(tiny(session_storage, **{"method.name": method}))
+    m = result.metrics
+    assert m["step"] == 6 and 0.0 <= m["val_acc"] <= 1.0
+    for term in terms:
+        assert f"loss/{term}" in m and m[f"loss/{term}"] == m[f"loss/{term}"], term  # reported, not NaN
+    run = mlflow.MlflowClient(mlflow_uri).get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["method.name"] == method
+    if method == "scmd":  # 6 steps, k=0.25: steps 0-3 keep floor(0.2*24)=4 of 24 samples, steps 4-5 all 24;
+        assert m["loss/selected"] == pytest.approx((4 + 24 + 24) / 3)  # the last report averages steps 3, 4, 5
+
+
 def test_nan_loss_fails_the_trial_with_a_reason(ray_session, session_storage, mlflow_uri):
     cfg = tiny(session_storage, **{"method.name": "erm", "train.lr": 1e30, "train.steps": 4, "train.eval_every": 4,
                                    "train.max_failures": 0, "train.optimizer": "sgd"})
