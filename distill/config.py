@@ -304,6 +304,9 @@ def reference_problems(cfg: dict) -> list[str]:
     if isinstance(backbone, str) and backbone not in BACKBONES:
         problems.append(f"student.backbone: unknown backbone {backbone!r}{_suggest(backbone, list(BACKBONES))}; "
                         f"known: {sorted(BACKBONES)}")
+    elif (isinstance(backbone, str) and BACKBONES[backbone][1] is None
+          and get_dotted(cfg, "student.pretrained") == "imagenet"):
+        problems.append(f"student.pretrained: backbone {backbone!r} has no pretrained weights; use 'none'")
     if isinstance(get_dotted(cfg, "teacher.arch"), str):
         teacher = dict(cfg["teacher"])
         if teacher.get("checkpoint") == FIT:
