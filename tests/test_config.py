@@ -75,3 +75,11 @@ def test_parse_overrides():
     values, problems = parse_overrides(["a.b=3", "c=[1, 2]", "d=true", "bad"])
     assert values == {"a.b": 3, "c": [1, 2], "d": True}
     assert problems and "bad" in problems[0]
+
+
+def test_a_backbone_without_weights_cannot_be_pretrained(tmp_path):
+    p = write(tmp_path, "student: {backbone: small_cnn, pretrained: imagenet}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert err.value.problems == ["student.pretrained: backbone 'small_cnn' has no pretrained weights; use 'none'"]
+    assert load_config(p, ["student.pretrained=none"])["student"]["backbone"] == "small_cnn"

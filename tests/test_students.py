@@ -5,7 +5,7 @@ import torch
 from distill.models.students import BACKBONES, FrozenBatchNorm2d, PretrainedWeightsUnavailable, build_student
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "small_cnn"])
 def test_outputs(name):
     s = build_student(name, embed_dim=64, num_classes=5)
     out = s(torch.randn(3, 3, 32, 32))
@@ -43,3 +43,22 @@ def test_imagenet_weights_load_or_fail_clearly(monkeypatch, tmp_path):
 
 def test_registry_has_the_promised_backbones():
     assert {"resnet18", "resnet50", "mobilenet_v3_small"} <= set(BACKBONES)
+
+
+def test_small_cnn_keeps_a_4x4_layout_at_any_input_size():
+    s = build_student("small_cnn", embed_dim=8, num_classes=3)
+    assert s.feature_dim == 16 * 64  # width 16 -> 64 channels on a 4x4 grid
+    convs = [m for m in s.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32, 64]
+    for size in (32, 64):
+        assert s(torch.randn(2, 3, size, size))["features"].shape == (2, 1024)
+    # the layout is kept: the same content moved to another corner gives different features
+    s.eval()
+    x = torch.zeros(1, 3, 32, 32)
+    x[..., 2:10, 2:10] = 1.0
+    assert not torch.allclose(s(x)["features"], s(x.flip(-1).flip(-2))["features"])
+
+
+def test_small_cnn_has_no_pretrained_weights():
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_student("small_cnn", pretrained="imagenet")
