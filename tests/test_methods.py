@@ -644,3 +644,29 @@ def test_kd_loss_by_hand():
     expected = (1 - a) * mean([ce(z, y) for z, y in zip(Z, Y)]) + a * temp ** 2 * mean(kls)
     assert loss.item() == pytest.approx(expected, abs=1e-4)
     assert terms["kd"].item() == pytest.approx(temp ** 2 * mean(kls), abs=1e-4)
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("kd", {"kd_weight": 1.0}),
+    ("rise", {"text_classifier": False, "templates": "config", "loss_type": "abs"}),
+    ("scmd", {}),
+])
+def test_teacher_logit_scale(name, extra):
+    """z_T = scale * cos(v_T, t_c): CLIP's 100 by default; another teacher's own learned scale when given."""
+    temp = 2.0
+    for scale in (100.0, 13.7):
+        hp = {"temperature": temp, **extra}
+        if scale != 100.0:
+            hp["teacher_logit_scale"] = scale
+        m = get_method(name)(TinyStudent(), hp, make_ctx(total_steps=4), {"classes": t(TC)})
+        _, terms = m(make_batch(), 10)  # SCMD: past its selection window, the full batch
+        kls = [kl(softmax([scale * cos(v, tc) / temp for tc in TC]), softmax([z_i / temp for z_i in z]))
+               for v, z in zip(V, Z)]
+        assert terms["kd"].item() == pytest.approx(temp ** 2 * mean(kls), abs=1e-4), (name, scale)
+
+
+def test_teacher_logit_scale_must_be_positive(tmp_path):
+    from distill.config import ConfigError, build_config
+    with pytest.raises(ConfigError, match="method.teacher_logit_scale: must be > 0"):
+        build_config({"method": {"name": "kd", "teacher_logit_scale": 0}})
+    assert build_config({"method": {"name": "scmd", "teacher_logit_scale": 13.7}})["method"]["teacher_logit_scale"] == 13.7

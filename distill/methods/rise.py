@@ -73,6 +73,7 @@ class RISE(Method):
         "loss_type": "both",      # abs | rel | both
         "text_classifier": True,  # zero-shot-style head on s initialised from t_c (official); false: student.classifier
         "templates": "rise",      # rise: the paper's 7-template ensemble; config: the config's teacher.prompts
+        "teacher_logit_scale": 100.0,  # z_T = scale * cos(v_T, t_c); 100 is CLIP's learned scale (the paper's)
     }
     # The paper's grids: T = 3; (w1, w2) in {(.9,.1), (.8,.2)} PACS/VLCS, {(.2,.8), (.1,.9)} OfficeHome,
     # {(.2,.8), (.3,.7)} TerraIncognita (w2 = 1 - w1); w3 in {0.5, 1, 2}. One method-wide space: the union.
@@ -128,7 +129,8 @@ class RISE(Method):
             s = out["embed"].float()
             t = self.class_text()
             w1, w2, w3 = self.weights()
-            kd = kd_loss(logits, teacher_logits(batch["image_emb"].float(), t), self.hp["temperature"])
+            z_t = teacher_logits(batch["image_emb"].float(), t, float(self.hp["teacher_logit_scale"]))
+            kd = kd_loss(logits, z_t, self.hp["temperature"])
             ce = F.cross_entropy(logits, y)
             loss = w1 * kd + w2 * ce
             terms = {"kd": kd.detach(), "ce": ce.detach()}

@@ -60,6 +60,7 @@ class SCMD(Method):
         "cm_weight": 0.5,         # l2: cross-modality distillation
         "k": 0.25,                # the last k of training uses the full batch
         "selection_ratio": 0.2,   # p: fraction of the batch kept (the hardest)
+        "teacher_logit_scale": 100.0,  # z_T = scale * cos(v_T, t_c); 100 is CLIP's learned scale (the paper's)
     }
     # The paper's search (its lr in {3e-5, 5e-5} is the loop's train.lr).
     search_space = {
@@ -108,7 +109,7 @@ class SCMD(Method):
         out = self.student(x)
         with full_precision(y):
             logits = out["logits"].float()
-            z_t = teacher_logits(v.float(), self.text("classes"))
+            z_t = teacher_logits(v.float(), self.text("classes"), float(self.hp["teacher_logit_scale"]))
             T = float(self.hp["temperature"])
             ce = F.cross_entropy(logits, y)
             kd = kd_loss(logits, z_t, T)
