@@ -99,8 +99,12 @@ def val_vs_test(results: dict, rows: list[dict], path: Path) -> Path:
     return path
 
 
-def history(rows: list[dict], path: Path) -> Path:
-    """Per search: each trial's val_acc_best (what Optuna saw) in trial order, and the best so far."""
+MAX_LEGEND = 16  # searches named in the history's legend; more would cover the plot
+
+
+def history(rows: list[dict], path: Path) -> Path | None:
+    """Per search: each trial's val_acc_best (what Optuna saw) in trial order, and the best so far. None (nothing
+    drawn) when no search has more than one trial: there is no optimisation to show."""
     plt = _plt()
     searches: dict[str, dict[str, float]] = {}
     several = len({r.get("sweep") for r in rows}) > 1
@@ -110,6 +114,8 @@ def history(rows: list[dict], path: Path) -> Path:
             continue
         s = searches.setdefault(f"{r.get('search')}" + (f" [{r.get('sweep')}]" if several else ""), {})
         s[r.get("trial_id")] = max(s.get(r.get("trial_id"), float("-inf")), v)
+    if not any(len(trials) > 1 for trials in searches.values()):
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, trials) in enumerate(sorted(searches.items())):
@@ -128,9 +134,12 @@ def history(rows: list[dict], path: Path) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial (in the order Optuna proposed it)")
     ax.set_ylabel("val_acc_best (%)")
-    ax.set_title("Optimisation history per search (points: trials; line: best so far)", fontsize=9)
-    if searches:
+    title = "Optimisation history per search (points: trials; line: best so far)"
+    if len(searches) <= MAX_LEGEND:
         ax.legend(fontsize=7, ncol=2)
+    else:
+        title += f"\n{len(searches)} searches, legend omitted (see results.md)"
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -141,6 +150,11 @@ def history(rows: list[dict], path: Path) -> Path:
 def make_all(results: dict, rows: list[dict], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [accuracy_bars(results, out / "accuracy.png"), val_vs_test(results, rows, out / "val_vs_test.png"),
-            history(rows, out / "history.png")]
+    made = [accuracy_bars(results, out / "accuracy.png"), val_vs_test(results, rows, out / "val_vs_test.png")]
+    drawn = history(rows, out / "history.png")
+    if drawn is None:
+        (out / "history.png").unlink(missing_ok=True)  # a stale one from an earlier report of more trials
+    else:
+        made.append(drawn)
+    return made
 

@@ -147,8 +147,20 @@ def test_write_files_and_cli_puts_sweeps_side_by_side(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     assert data["sweeps"] == ["sw-erm", "sw-kd"]
     assert all(s["checkpoint_path"] and s["step"] == 5 for s in data["selected"]["validation"])
-    for name in ("accuracy.png", "val_vs_test.png", "history.png"):
+    for name in ("accuracy.png", "val_vs_test.png"):
         assert (out / "plots" / name).stat().st_size > 1000
+    assert not (out / "plots" / "history.png").exists()  # one trial per search: no optimisation history to draw
+
+
+def test_history_plot_only_when_a_search_had_several_trials(tmp_path):
+    from distill import plots
+    one = [row(0, 5, 0.9, 0.5)]
+    two = one + [row(1, 5, 0.8, 0.6)]
+    out = tmp_path / "plots"
+    made = plots.make_all(report.build([sweep(two)]), two, out)
+    assert out / "history.png" in made and (out / "history.png").stat().st_size > 1000
+    made = plots.make_all(report.build([sweep(one)]), one, out)  # a re-report of fewer trials drops the stale one
+    assert [p.name for p in made] == ["accuracy.png", "val_vs_test.png"] and not (out / "history.png").exists()
 
 
 def test_same_method_in_two_sweeps_is_labelled_by_sweep(tmp_path):
