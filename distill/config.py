@@ -285,7 +285,7 @@ def method_problems(cfg: dict) -> list[str]:
         if default is not None and not _type_ok(value, float if isinstance(default, float) else type(default)):
             problems.append(f"method.{key}: expected {_type_name(type(default))} like the default {default!r}, "
                             f"got {value!r}")
-        elif key in POSITIVE_HPARAMS and _type_ok(value, float) and value <= 0:
+        elif key in POSITIVE_HPARAMS and _type_ok(value, float) and not value > 0:  # NaN too
             problems.append(f"method.{key}: must be > 0, got {value!r}")
     return problems
 

@@ -669,4 +669,8 @@ def test_teacher_logit_scale_must_be_positive(tmp_path):
     from distill.config import ConfigError, build_config
     with pytest.raises(ConfigError, match="method.teacher_logit_scale: must be > 0"):
         build_config({"method": {"name": "kd", "teacher_logit_scale": 0}})
+    with pytest.raises(ConfigError, match="method.teacher_logit_scale: must be > 0, got nan"):
+        build_config({"method": {"name": "rise", "teacher_logit_scale": float("nan")}})
+    with pytest.raises(ConfigError, match="method.temperature: must be > 0"):  # T = 0 divides by zero
+        build_config({"method": {"name": "scmd", "temperature": 0.0}})
     assert build_config({"method": {"name": "scmd", "teacher_logit_scale": 13.7}})["method"]["teacher_logit_scale"] == 13.7

@@ -237,11 +237,11 @@ def test_resume_guards(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ end to end
 def _sampler_seed_with_a_failing_trial(plan, n):
-    """A sampler seed whose first n draws hold erm, a good kd and a kd with temperature 0 (a NaN loss)."""
+    """A sampler seed whose first n draws hold a good erm, a good kd and one trial at lr 1e30 (a non-finite loss)."""
     for seed in range(200):
         drawn = sample(plan.space, n, seed=seed)
-        kinds = {(p["method.name"], p.get("method.temperature")) for p in drawn}
-        if ("kd", 0.0) in kinds and ("kd", 4.0) in kinds and any(m == "erm" for m, _ in kinds):
+        kinds = [(p["method.name"], p["train.lr"]) for p in drawn]
+        if ("erm", 2e-3) in kinds and ("kd", 2e-3) in kinds and sum(lr == 1e30 for _, lr in kinds) == 1:
             return seed, drawn
     raise AssertionError("no seed found")
 
@@ -258,8 +258,8 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
         "num_samples": 3, "max_concurrent": 2, "scheduler": "asha", "asha": {"grace_period": 1},
         "max_failures": 0,
         "space": {"method.name": {"choice": ["erm", "kd"]},
-                  "method.temperature": {"choice": [0.0, 4.0]},  # 0: a NaN loss, the trial fails
-                  "train.lr": {"loguniform": [1e-3, 3e-3]}}})
+                  "method.temperature": {"choice": [2.0, 4.0]},
+                  "train.lr": {"choice": [2e-3, 1e30]}}})  # 1e30: the weights overflow, the loss is not finite
     plan = tune.make_plan(write(tmp_path, data))
     seed, drawn = _sampler_seed_with_a_failing_trial(plan, 3)
     data["search"]["sampler_seed"] = seed
@@ -278,7 +278,7 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
 
     # a NaN trial fails alone, with its reason in Tune's results, the rows' events and its MLflow run
     failed = [e for e in ends.values() if e["status"] == "error"]
-    assert [e["params"].get("method.temperature") for e in failed] == [0.0]
+    assert [e["params"]["train.lr"] for e in failed] == [1e30]
     assert "FloatingPointError" in failed[0]["error"] or "non-finite" in failed[0]["error"]
     summary = json.loads((sweep_dir / "searches" / "sketch-s0.json").read_text())
     assert summary["finished"] and len(summary["errors"]) == 1 and summary["trials"] == 3
