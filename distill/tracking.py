@@ -12,16 +12,24 @@ RUN_NAME_TAG = "distill.run_name"
 STATUS_TAG = "distill.status"
 
 
+SQLITE = "sqlite:///"
+
+
+def sqlite_uri(path: str | os.PathLike) -> str:
+    """A sqlite URI with an absolute path: a relative one would resolve against each process's working directory
+    (inside Ray workers, a temp dir)."""
+    return f"{SQLITE}{Path(path).resolve()}"
+
+
 def tracking_uri(storage: str | os.PathLike) -> str:
     """`MLFLOW_TRACKING_URI` if set (a relative sqlite path in it is made absolute), else `<storage>/mlflow.db`."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        return f"sqlite:///{(Path(storage) / 'mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        return sqlite_uri(Path(storage) / "mlflow.db")
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):  # relative; an absolute one stays as given
+        return sqlite_uri(uri[len(SQLITE):])
     if "://" not in uri:  # a bare path: refuse the file store, which MLflow 3 rejects anyway
-        return f"sqlite:///{(Path(uri) / 'mlflow.db').resolve()}" if Path(uri).is_dir() else \
-            f"sqlite:///{Path(uri).resolve()}"
+        return sqlite_uri(Path(uri) / "mlflow.db" if Path(uri).is_dir() else uri)
     return uri
 
 
@@ -39,8 +47,8 @@ def experiment_id(uri: str, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current directory of each process
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
+    if uri.startswith(SQLITE):  # artifacts beside the database, not in the current directory of each process
+        location = (Path(uri[len(SQLITE):]).parent / "mlartifacts" / name).as_uri()
     try:
         return c.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another driver

@@ -975,7 +975,7 @@ def export_study(exp_path: str, db: Path, study_name: str) -> None:
         searcher = OptunaSearch()
         searcher.restore_from_dir(exp_path)
         study = searcher._ot_study
-        url = f"sqlite:///{db}"
+        url = tracking.sqlite_uri(db)
         try:
             optuna.delete_study(study_name=study_name, storage=url)
         except KeyError:
