@@ -1,4 +1,5 @@
-"""distill.data: registry, decoding, splits, sampler, augmentation, the built-in world and its domain shift."""
+"""distill.data: registry, decoding, splits, sampler, the built-in world and its domain shift (augmentation:
+test_augment.py)."""
 import hashlib
 import json
 from pathlib import Path
@@ -253,78 +254,6 @@ def test_domain_batches_stream_and_resume(world_images):
     assert not torch.equal(DomainBatches(s, 16, seed=5, rank=1).batch(0), stream[0])
     with pytest.raises(ValueError, match="batch_size"):
         DomainBatches(s, 8, seed=5).load_state_dict(state)
-
-
-# ---- augmentation ----------------------------------------------------------------------------------------------------
-
-def _batch(n=6, size=24, seed=0):
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
-def test_augment_shapes_range_determinism():
-    x = _batch()
-    out = A.augment(x, 16, torch.Generator().manual_seed(1))
-    assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
-    assert out.min() >= 0 and out.max() <= 1
-    assert torch.equal(out, A.augment(x, 16, torch.Generator().manual_seed(1)))
-    assert not torch.allclose(out, A.augment(x, 16, torch.Generator().manual_seed(2)))
-    assert A.augment(x, 40, torch.Generator().manual_seed(1)).shape == (6, 3, 40, 40)
-
-
-def test_center_and_full_crop_are_resizes():
-    x = _batch()
-    assert torch.equal(A.center(x, 24), x.float() / 255)           # same size: identity
-    small = A.center(x, 12)                                          # halving averages 2x2 blocks
-    assert torch.allclose(small, F.avg_pool2d(x.float() / 255, 2), atol=1e-6)
-    crop = A.random_resized_crop(x, 12, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=torch.Generator())
-    assert torch.allclose(crop, small, atol=1e-6)
-
-
-def test_crop_boxes_respect_scale_and_ratio():
-    boxes = A.crop_boxes(2000, 224, 224, generator=torch.Generator().manual_seed(0))
-    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 224).all() and (boxes[:, 3] <= 224).all()
-    area = w * h / 224 ** 2
-    assert area.min() > 0.68 and area.max() <= 1.0 and (w / h).min() > 0.74 and (w / h).max() < 1.35
-    assert len(set(boxes[:, 0].tolist())) > 20                         # positions vary
-
-
-def test_flip_and_grayscale():
-    x = A.center(_batch(), 24)
-    assert torch.equal(A.hflip(x, p=1.0), x.flip(-1)) and torch.equal(A.hflip(x, p=0.0), x)
-    mixed = A.hflip(x, 0.5, torch.Generator().manual_seed(0))
-    flipped = [torch.equal(m, f) for m, f in zip(mixed, x.flip(-1))]
-    assert any(flipped) and not all(flipped)
-    g = A.random_grayscale(x, p=1.0)
-    assert torch.equal(g[:, 0], g[:, 1]) and torch.equal(g[:, 1], g[:, 2])
-    assert torch.allclose(g[:, 0], 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2], atol=1e-6)
-
-
-def test_color_ops_match_torchvision():
-    import torchvision.transforms.functional as TF
-    x = A.center(_batch(size=8), 8)
-    hsv = A.rgb_to_hsv(x)
-    assert torch.allclose(A.hsv_to_rgb(hsv), x, atol=1e-5)
-    for shift in (0.3, -0.2):
-        rotated = torch.cat([(hsv[:, :1] + shift) % 1.0, hsv[:, 1:]], 1)
-        assert torch.allclose(A.hsv_to_rgb(rotated), TF.adjust_hue(x, shift), atol=1e-4)
-    assert torch.allclose(A.color_jitter(x, 0, 0, 0, 0), x, atol=1e-5)
-    jittered = A.color_jitter(x, generator=torch.Generator().manual_seed(0))
-    assert jittered.min() >= 0 and jittered.max() <= 1 and not torch.allclose(jittered, x, atol=1e-2)
-
-
-def test_normalize():
-    x = torch.rand(2, 3, 4, 4)
-    y = A.normalize(x, A.CLIP_MEAN, A.CLIP_STD)
-    assert torch.allclose(y[:, 1] * A.CLIP_STD[1] + A.CLIP_MEAN[1], x[:, 1], atol=1e-6)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_augment_on_gpu_matches_cpu():
-    x = _batch()
-    cpu = A.augment(x, 16, torch.Generator().manual_seed(3))
-    gpu = A.augment(x.cuda(), 16, torch.Generator().manual_seed(3))
-    assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, atol=1e-4)
 
 
 # ---- the built-in world ----------------------------------------------------------------------------------------------
