@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import REPORTED, SELECTION_METRIC, select, trial_order
+from .report import ERRORS, REPORTED, SELECTION_METRIC, select, selectable, trial_order
 
 
 def _plt():
@@ -17,8 +17,10 @@ def _plt():
 
 
 def accuracy_bars(results: dict, path: Path) -> Path:
-    """Per test domain (and Avg): the selected model's test accuracy (solid) and the oracle's (hatched) per row."""
+    """Per test domain (and Avg): the selected model's test accuracy (solid, training-domain validation) and the
+    oracle's (hatched) per row; error bars: the results' error over seeds (standard error or std)."""
     plt = _plt()
+    error = results.get("error", "se")
     domains = results["domains"] + ["Avg"]
     rows = results["table"]["validation"]
     oracle = {r["method"]: r for r in results["table"]["oracle"]}
@@ -31,7 +33,7 @@ def accuracy_bars(results: dict, path: Path) -> Path:
         c = row["avg"] if d == "Avg" else row["domains"].get(d)
         if not c or c.get("mean") is None:
             return float("nan"), 0.0
-        return 100 * c["mean"], 100 * (c.get("std") or 0.0)
+        return 100 * c["mean"], 100 * (c.get(error) or 0.0)
 
     for i, row in enumerate(rows):
         colour = colours[i % len(colours)]
@@ -47,7 +49,8 @@ def accuracy_bars(results: dict, path: Path) -> Path:
     ax.set_xticks(range(len(domains)), domains)
     ax.set_ylabel("test-domain accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Selected by source-domain validation (solid) vs oracle on the test domain (hatched)", fontsize=9)
+    ax.set_title("Selected by source-domain validation (solid) vs oracle on the test domain (hatched)\n"
+                 f"error bars: {ERRORS.get(error, error)} over seeds", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -57,7 +60,7 @@ def accuracy_bars(results: dict, path: Path) -> Path:
 
 
 def val_vs_test(results: dict, rows: list[dict], path: Path) -> Path:
-    """One point per trial, at its best source-validation step: val_acc vs test_acc, per test domain."""
+    """One point per trial, at its best selectable source-validation step: val_acc vs test_acc, per test domain."""
     plt = _plt()
     trials: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -69,7 +72,7 @@ def val_vs_test(results: dict, rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     seen = set()
     for key, trs in trials.items():
-        best = select(trs, SELECTION_METRIC)
+        best = select([r for r in trs if selectable(r)], SELECTION_METRIC)
         if best is None or best.get(REPORTED) is None:
             continue
         d, m = best.get("test_domain"), best.get("method")

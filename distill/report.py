@@ -1,18 +1,30 @@
-"""Model selection and the DomainBed-style table: ``python -m distill.report SWEEP_DIR... [--out DIR]``.
+"""Model selection (DomainBed's three methods) and the table: ``python -m distill.report SWEEP_DIR... [--out DIR]
+[--selection val|lodo|oracle] [--error se|std]``.
 
-Input: the evaluation rows the sweep driver wrote to ``<storage>/<sweep>/trials.jsonl`` (one row per trial and
-evaluation step: ``val_acc`` = mean source-domain validation accuracy, ``test_acc`` = test domain, in-split,
-``test_out_acc`` = test domain, its held-out 20%, plus the trial's method and sampled params).
+Input: the rows the sweep driver wrote to ``<storage>/<sweep>/trials.jsonl``. Evaluation rows (``event: eval``, one
+per trial and evaluation step): ``val_acc`` = mean source-domain validation accuracy (``val_acc/<domain>`` per source
+domain), ``test_acc`` = test domain, in-split, ``test_out_acc`` = test domain, its held-out 20%, the trial's method
+and sampled params, and the optional ``selectable`` (default true; false: never selected, e.g. a raw-model evaluation
+of a trial that delivers a SWAD average, or a first training stage), ``final``, ``stage``, ``eval_model``.
+Leave-one-domain-out rows (``event: lodo``, written when the sweep ran with ``search.lodo: true``): for a trial and
+step, the accuracy ``lodo_acc`` on the in-split of the source domain ``lodo_domain`` of a model trained with the same
+hyperparameters and seed but with that domain held out too.
 
-Per (test domain, seed), over every trial and every evaluated step:
+Per (test domain, seed):
 
-- training-domain validation (DomainBed): the (trial, step) with the best ``val_acc``; we report its ``test_acc``.
-- oracle: the (trial, step) with the best ``test_out_acc``; we report its ``test_acc``. It looks at the test domain,
-  so it is not a model-selection method: it is printed apart, labelled, to show the selection gap.
+- ``validation`` (CLI ``val``; DomainBed's training-domain validation): among selectable rows, the (trial, step) with
+  the best ``val_acc``; we report its ``test_acc``.
+- ``lodo`` (DomainBed's leave-one-domain-out validation): among (trial, step)s whose row is selectable and that have a
+  selectable lodo row for every source domain, the one with the best mean ``lodo_acc``; we report its ``test_acc``.
+  Without such trials the cell is empty.
+- ``oracle`` (DomainBed's test-domain validation): each trial's last evaluation (its highest step), then the trial
+  whose last evaluation has the best ``test_out_acc``; we report its ``test_acc``. It looks at the test domain, so it
+  is not a model-selection method: it is printed apart, labelled, to show the selection gap.
 
-Ties go to the earlier trial, then the earlier step. Each cell is the mean (± the sample std) over seeds; Avg is the
-mean over test domains. When a sweep searched ``method.name``, every method is selected on its own trials and,
-in the last row, over all of them. Several sweep dirs are put side by side (one row per method and sweep).
+Ties go to the earlier trial, then the earlier step. Each cell is the mean over seeds ± the standard error
+(std/sqrt(n), DomainBed's; ``--error std``: the sample std); Avg is the mean over test domains, its error that of the
+per-seed averages. When a sweep searched ``method.name``, every method is selected on its own trials and, in the last
+row, over all of them. Several sweep dirs are put side by side (one row per method and sweep).
 """
 from __future__ import annotations
 
@@ -27,15 +39,25 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SELECTION_METRIC = "val_acc"
+LODO_METRIC = "lodo_acc"
 ORACLE_METRIC = "test_out_acc"
 REPORTED = "test_acc"
-SELECTIONS = {"validation": SELECTION_METRIC, "oracle": ORACLE_METRIC}
+LODO_EVENT = "lodo"   # the `event` of a leave-one-domain-out row
+SELECTIONS = {"validation": SELECTION_METRIC, "lodo": LODO_METRIC, "oracle": ORACLE_METRIC}
+CLI_SELECTIONS = {"val": "validation", "lodo": "lodo", "oracle": "oracle"}  # --selection -> key of SELECTIONS
+ERRORS = {"se": "standard error", "std": "std"}
 TITLES = {
     "validation": "Training-domain validation: the (trial, step) with the best source-domain validation accuracy "
-                  "(DomainBed's model selection)",
-    "oracle": "ORACLE, selected on the test domain (the (trial, step) with the best accuracy on the test domain's "
-              "held-out 20%): not a valid model selection, shown to expose the selection gap",
+                  "(DomainBed's training-domain validation)",
+    "lodo": "Leave-one-domain-out validation: the (trial, step) with the best mean accuracy on each source domain "
+            "when that domain is also held out of training (DomainBed's leave-one-domain-out validation)",
+    "oracle": "ORACLE, selected on the test domain (each trial's last evaluation; the trial whose last evaluation is "
+              "the most accurate on the test domain's held-out 20%, DomainBed's test-domain validation): not a valid "
+              "model selection, shown to expose the selection gap",
 }
+NO_LODO = "no leave-one-domain-out runs (`search.lodo: true` produces them)"
+LODO_RULE = ("Candidates: the (trial, step)s with a leave-one-domain-out run for every source domain; a cell without "
+             "any is empty.")
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -67,7 +89,7 @@ def trial_order(trial_id: str) -> tuple:
 
 def dedupe(rows: Iterable[dict]) -> list[dict]:
     """Evaluation rows, one per (search, trial, step): a trial resumed from a checkpoint may report a step again;
-    the last report wins. Sorted by search, trial creation order, step."""
+    the last report wins. Other events (`end`, `lodo`) are left out. Sorted by search, trial creation order, step."""
     out: dict[tuple, dict] = {}
     for row in rows:
         if row.get("event", "eval") != "eval" or row.get("step") is None:
@@ -77,8 +99,37 @@ def dedupe(rows: Iterable[dict]) -> list[dict]:
                                                 trial_order(r.get("trial_id")), r.get("step")))
 
 
+def dedupe_lodo(rows: Iterable[dict]) -> list[dict]:
+    """Leave-one-domain-out rows (`event: lodo`), one per (sweep, search, trial, step, lodo_domain); the last report
+    wins. Sorted like `dedupe`, then by held-out domain."""
+    out: dict[tuple, dict] = {}
+    for row in rows:
+        if row.get("event") != LODO_EVENT or row.get("step") is None or row.get("lodo_domain") is None:
+            continue
+        out[(row.get("sweep"), row.get("search"), row.get("trial_id"), row.get("step"), row.get("lodo_domain"))] = row
+    return sorted(out.values(), key=lambda r: (str(r.get("sweep")), str(r.get("search")),
+                                                trial_order(r.get("trial_id")), r.get("step"),
+                                                str(r.get("lodo_domain"))))
+
+
 def load_rows(sweep_dir: str | Path) -> list[dict]:
     return dedupe(read_jsonl(Path(sweep_dir) / "trials.jsonl"))
+
+
+LODO_DIR = "lodo"   # <sweep>/lodo/<search>-<trial>-<domain>.json: the rows of one leave-one-domain-out run
+
+
+def load_lodo_rows(sweep_dir: str | Path) -> list[dict]:
+    """Leave-one-domain-out rows: those in trials.jsonl and the per-run files the sweep's trials write (one JSON
+    list per LODO run, written whole when the run finished)."""
+    rows = read_jsonl(Path(sweep_dir) / "trials.jsonl")
+    for path in sorted((Path(sweep_dir) / LODO_DIR).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rows += [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+    return dedupe_lodo(rows)
 
 
 def load_events(sweep_dir: str | Path) -> list[dict]:
@@ -106,6 +157,11 @@ def _value(row: dict, metric: str) -> float | None:
     return None
 
 
+def selectable(row: dict) -> bool:
+    """`selectable` is optional (missing or null: true)."""
+    return row.get("selectable") not in (False, "false", "False")
+
+
 def select(rows: Iterable[dict], metric: str = SELECTION_METRIC) -> dict | None:
     """The row with the highest `metric`; ties: the earlier trial, then the earlier step."""
     best, best_key = None, None
@@ -119,11 +175,78 @@ def select(rows: Iterable[dict], metric: str = SELECTION_METRIC) -> dict | None:
     return best
 
 
-def _stats(values: list[float]) -> dict:
+def _trial_key(row: dict) -> tuple:
+    return row.get("sweep"), row.get("search"), row.get("trial_id")
+
+
+def last_rows(rows: Iterable[dict]) -> list[dict]:
+    """Each trial's last evaluation (its highest step), selectable or not."""
+    last: dict[tuple, dict] = {}
+    for row in rows:
+        k = _trial_key(row)
+        if k not in last or row.get("step") > last[k].get("step"):
+            last[k] = row
+    return list(last.values())
+
+
+def source_domains(rows: Iterable[dict]) -> list[str]:
+    """The source domains of a search: the `val_acc/<domain>` keys of its evaluation rows."""
+    prefix = SELECTION_METRIC + "/"
+    found = [k[len(prefix):] for r in rows for k in r if k.startswith(prefix)]
+    return sorted(d for d in set(found) if d not in {r.get("test_domain") for r in rows})
+
+
+def lodo_index(lodo_rows: Iterable[dict]) -> dict[tuple, dict[str, dict]]:
+    """(sweep, search, trial, step) -> {held-out source domain: lodo row}."""
+    index: dict[tuple, dict[str, dict]] = {}
+    for r in lodo_rows:
+        index.setdefault((*_trial_key(r), r.get("step")), {})[r["lodo_domain"]] = r
+    return index
+
+
+def lodo_candidates(rows: list[dict], index: dict[tuple, dict[str, dict]]) -> list[dict]:
+    """The selectable rows that have a selectable lodo row with a finite accuracy for every source domain of their
+    search, each with `lodo_acc` (the mean over the source domains) and `lodo_accs` (per domain) added."""
+    domains = source_domains(rows)
+    out = []
+    if not domains:
+        return out
+    for row in rows:
+        if not selectable(row):
+            continue
+        held = index.get((*_trial_key(row), row.get("step")), {})
+        accs = {}
+        for d in domains:
+            lr = held.get(d)
+            if lr is None or not selectable(lr) or _value(lr, LODO_METRIC) is None:
+                break
+            accs[d] = _value(lr, LODO_METRIC)
+        else:
+            out.append({**row, LODO_METRIC: statistics.fmean(accs.values()), "lodo_accs": accs})
+    return out
+
+
+def select_cell(selection: str, rows: list[dict], index: dict[tuple, dict[str, dict]] | None = None) -> dict | None:
+    """The selected row of one (test domain, seed) under `selection` (a key of SELECTIONS)."""
+    if selection == "validation":
+        return select([r for r in rows if selectable(r)], SELECTION_METRIC)
+    if selection == "oracle":
+        return select(last_rows(rows), ORACLE_METRIC)
+    if selection == "lodo":
+        return select(lodo_candidates(rows, index or {}), LODO_METRIC)
+    raise ValueError(f"unknown selection {selection!r}; one of {sorted(SELECTIONS)}")
+
+
+def _stats(values: list[float], error: str = "se") -> dict:
+    """mean, sample std, standard error (std/sqrt(n)), n, and `err`: the one `error` names (None with one value)."""
+    if error not in ERRORS:
+        raise ValueError(f"unknown error kind {error!r}; one of {sorted(ERRORS)}")
     if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
+        return {"mean": None, "std": None, "se": None, "n": 0, "err": None}
+    std = statistics.stdev(values) if len(values) > 1 else None
+    se = std / math.sqrt(len(values)) if std is not None else None
+    return {"mean": statistics.fmean(values), "std": std, "se": se, "n": len(values),
+            "err": se if error == "se" else std}
 
 
 def _groups(rows: list[dict], sweep: str, methods: list[str], searched: bool) -> list[dict]:
@@ -139,10 +262,16 @@ def _groups(rows: list[dict], sweep: str, methods: list[str], searched: bool) ->
     return [{"label": label, "sweep": sweep, "methods": present, "overall": True}]
 
 
-def build(sweeps: list[dict]) -> dict:
-    """sweeps: [{"name", "rows", "plan" (plan.json or {}), "runs" ({train run: MLflow run id}), "events"}].
+def build(sweeps: list[dict], error: str = "se", selection: str = "validation") -> dict:
+    """sweeps: [{"name", "rows", "lodo" (lodo rows, optional), "plan" (plan.json or {}), "runs" ({train run: MLflow
+    run id}), "events"}]. `error`: the error bar (a key of ERRORS); `selection`: the main table (a key of
+    SELECTIONS), recorded for the renderers.
 
-    Returns the selections and the table (accuracies as fractions)."""
+    Returns the three selections and their tables (accuracies as fractions)."""
+    if error not in ERRORS:
+        raise ValueError(f"unknown error kind {error!r}; one of {sorted(ERRORS)}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; one of {sorted(SELECTIONS)}")
     groups: list[dict] = []
     domains: list[str] = []
     seeds: list[int] = []
@@ -155,8 +284,10 @@ def build(sweeps: list[dict]) -> dict:
         seeds = sorted(set(seeds) | set(plan.get("seeds") or []) | {r.get("seed") for r in rows
                                                                     if r.get("seed") is not None})
         methods = plan.get("methods") or list(dict.fromkeys(r.get("method") for r in rows))
+        index = lodo_index(sw.get("lodo") or [])
         for g in _groups(rows, sw["name"], methods, bool(plan.get("method_searched"))):
             g["rows"], g["runs"] = [r for r in rows if r.get("method") in g["methods"]], sw.get("runs") or {}
+            g["lodo_index"] = index
             groups.append(g)
     # disambiguate labels across sweeps
     counts: dict[str, int] = {}
@@ -172,40 +303,46 @@ def build(sweeps: list[dict]) -> dict:
         by_cell: dict[tuple, list[dict]] = {}
         for r in g["rows"]:
             by_cell.setdefault((r.get("test_domain"), r.get("seed")), []).append(r)
-        for selection, metric in SELECTIONS.items():
+        ordered = sorted(by_cell.items(), key=lambda kv: (domains.index(kv[0][0]) if kv[0][0] in domains else 99,
+                                                          kv[0][1]))
+        for sel_name, metric in SELECTIONS.items():
             accs: dict[str, dict[int, float]] = {}
-            for (domain, seed), cell_rows in sorted(by_cell.items(), key=lambda kv: (domains.index(kv[0][0])
-                                                                                     if kv[0][0] in domains else 99,
-                                                                                     kv[0][1])):
-                best = select(cell_rows, metric)
+            for (domain, seed), cell_rows in ordered:
+                best = select_cell(sel_name, cell_rows, g["lodo_index"])
                 if best is None or _value(best, REPORTED) is None:
                     continue
                 accs.setdefault(domain, {})[seed] = float(best[REPORTED])
-                selected[selection].append({
+                selected[sel_name].append({
                     "method_group": g["label"], "sweep": g["sweep"], "test_domain": domain, "seed": seed,
                     "selection_metric": metric, "trial_id": best.get("trial_id"), "step": best.get("step"),
                     "method": best.get("method"), "params": best.get("params") or {},
                     "val_acc": best.get(SELECTION_METRIC), "test_acc": best.get(REPORTED),
-                    "test_out_acc": best.get(ORACLE_METRIC), "checkpoint_path": best.get("checkpoint_path"),
+                    "test_out_acc": best.get(ORACLE_METRIC),
+                    **({LODO_METRIC: best[LODO_METRIC], "lodo_accs": best["lodo_accs"]} if sel_name == "lodo"
+                       else {}),
+                    "eval_model": best.get("eval_model"), "stage": best.get("stage"), "final": best.get("final"),
+                    "checkpoint_path": best.get("checkpoint_path"),
                     "train_run": best.get("train_run"), "mlflow_run_id": g["runs"].get(best.get("train_run"))})
-            cells = {d: {**_stats(list(accs[d].values())), "seeds": accs[d]} for d in domains if d in accs}
-            avg = {"mean": None, "std": None, "n": 0}
+            cells = {d: {**_stats(list(accs[d].values()), error), "seeds": accs[d]} for d in domains if d in accs}
+            avg = _stats([], error)
             if cells and all(d in cells for d in domains):
-                avg["mean"] = statistics.fmean(c["mean"] for c in cells.values())
                 common = set.intersection(*(set(c["seeds"]) for c in cells.values()))
                 per_seed = [statistics.fmean(cells[d]["seeds"][s] for d in domains) for s in sorted(common)]
-                avg["std"] = statistics.stdev(per_seed) if len(per_seed) > 1 else None
-                avg["n"] = len(per_seed)
-            table[selection].append({"method": g["label"], "sweep": g["sweep"], "overall": g["overall"],
-                                     "domains": cells, "avg": avg})
+                avg = {**_stats(per_seed, error), "mean": statistics.fmean(c["mean"] for c in cells.values())}
+            table[sel_name].append({"method": g["label"], "sweep": g["sweep"], "overall": g["overall"],
+                                    "domains": cells, "avg": avg})
     trials = {(sw["name"], r.get("search"), r.get("trial_id")) for sw in sweeps for r in sw["rows"]}
     events = [e for sw in sweeps for e in sw.get("events") or []]
     return {
         "sweeps": [sw["name"] for sw in sweeps], "domains": domains, "seeds": seeds,
-        "selection_metric": SELECTION_METRIC, "oracle_metric": ORACLE_METRIC, "reported": REPORTED,
-        "groups": [{k: v for k, v in g.items() if k not in ("rows", "runs")} for g in groups],
+        "selection_metric": SELECTION_METRIC, "lodo_metric": LODO_METRIC, "oracle_metric": ORACLE_METRIC,
+        "reported": REPORTED, "selection_metrics": dict(SELECTIONS), "main_selection": selection,
+        "error": error, "error_name": ERRORS[error],
+        "groups": [{k: v for k, v in g.items() if k not in ("rows", "runs", "lodo_index")} for g in groups],
         "table": table, "selected": selected,
+        "lodo_rows": {sw["name"]: len(sw.get("lodo") or []) for sw in sweeps},
         "counts": {"trials": len(trials), "rows": sum(len(sw["rows"]) for sw in sweeps),
+                   "lodo_rows": sum(len(sw.get("lodo") or []) for sw in sweeps),
                    "early_stopped": sum(e.get("status") == "early_stopped" for e in events),
                    "failed": sum(e.get("status") == "error" for e in events)},
         "failures": [{"search": e.get("search"), "trial_id": e.get("trial_id"), "method": e.get("method"),
@@ -218,12 +355,13 @@ def load_sweep(path: str | Path) -> dict:
     if not (path / "trials.jsonl").is_file():
         raise FileNotFoundError(f"{path}: no trials.jsonl (is it a sweep directory, <storage>/<sweep name>?)")
     plan = _json(path / "plan.json")
-    return {"name": plan.get("sweep") or path.name, "rows": load_rows(path), "plan": plan,
+    raw = read_jsonl(path / "trials.jsonl")
+    return {"name": plan.get("sweep") or path.name, "rows": dedupe(raw), "lodo": load_lodo_rows(path), "plan": plan,
             "runs": _json(path / "runs.json"), "events": load_events(path)}
 
 
-def build_from_dirs(paths: Iterable[str | Path]) -> dict:
-    return build([load_sweep(p) for p in paths])
+def build_from_dirs(paths: Iterable[str | Path], error: str = "se", selection: str = "validation") -> dict:
+    return build([load_sweep(p) for p in paths], error=error, selection=selection)
 
 
 # ---------------------------------------------------------------------------------------------------- accessors
@@ -241,35 +379,68 @@ def table_row(results: dict, selection: str, label: str | None) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def _pct(cell: dict | None) -> str:
+def _pct(cell: dict | None, error: str = "se") -> str:
     if not cell or cell.get("mean") is None:
         return "–"
     text = f"{100 * cell['mean']:.1f}"
-    return text + (f" ± {100 * cell['std']:.1f}" if cell.get("std") is not None else "")
+    err = cell.get(error)
+    return text + (f" ± {100 * err:.1f}" if err is not None else "")
+
+
+def _error_phrase(results: dict) -> str:
+    """E.g. "mean ± standard error over 3 seeds [0, 1, 2]"; names the error bar even with one seed (no ± then)."""
+    n = len(results["seeds"])
+    name = ERRORS[results.get("error", "se")]
+    return (f"mean ± {name} over {n} seed{'s' if n != 1 else ''} {results['seeds']}"
+            + (", so no ±" if n == 1 else "") + "; Avg = mean over test domains")
 
 
 def _md_table(results: dict, selection: str) -> list[str]:
     domains = results["domains"]
+    error = results.get("error", "se")
     lines = ["| Method | " + " | ".join(domains) + " | Avg |", "|---" * (len(domains) + 2) + "|"]
     for row in results["table"][selection]:
         label = row["method"] + (" (oracle)" if selection == "oracle" else "")
-        lines.append(f"| {label} | " + " | ".join(_pct(row["domains"].get(d)) for d in domains)
-                     + f" | {_pct(row['avg'])} |")
+        lines.append(f"| {label} | " + " | ".join(_pct(row["domains"].get(d), error) for d in domains)
+                     + f" | {_pct(row['avg'], error)} |")
     return lines
 
 
-def render_text(results: dict) -> str:
-    """The two tables (selection, oracle), as markdown."""
-    n_seeds = len(results["seeds"])
+def _order(results: dict, selection: str | None) -> list[str]:
+    main = selection or results.get("main_selection") or "validation"
+    if main not in SELECTIONS:
+        main = CLI_SELECTIONS.get(main, main)
+    if main not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; one of {sorted(CLI_SELECTIONS)}")
+    return [main, *(s for s in SELECTIONS if s != main)]
+
+
+def lodo_note(results: dict) -> str | None:
+    """Which sweeps have no leave-one-domain-out rows (None when every sweep has some)."""
+    without = [name for name, n in (results.get("lodo_rows") or {}).items() if not n]
+    if not without:
+        return None
+    if len(results["sweeps"]) == 1:
+        return f"The sweep has {NO_LODO}: its leave-one-domain-out cells are empty."
+    return (f"{'Sweep' if len(without) == 1 else 'Sweeps'} {', '.join(without)}: {NO_LODO}; "
+            f"{'its' if len(without) == 1 else 'their'} leave-one-domain-out cells are empty.")
+
+
+def render_text(results: dict, selection: str | None = None) -> str:
+    """The three tables as markdown: `selection` (default: the results' main selection, else validation) first."""
     counts = results["counts"]
     out = [f"## {', '.join(results['sweeps'])}: test-domain accuracy (%), leave-one-domain-out", "",
            f"{counts['trials']} trials, {counts['rows']} evaluation rows"
+           + (f", {counts['lodo_rows']} leave-one-domain-out rows" if counts.get("lodo_rows") else "")
            + (f", {counts['early_stopped']} stopped early (ASHA)" if counts.get("early_stopped") else "")
            + (f", {counts['failed']} failed" if counts.get("failed") else "")
-           + f"; mean ± std over {n_seeds} seed(s) {results['seeds']} (no ± with one seed); "
-             f"Avg = mean over test domains.", "",
-           f"**{TITLES['validation']}**", "", *_md_table(results, "validation"), "",
-           f"**{TITLES['oracle']}**", "", *_md_table(results, "oracle")]
+           + f"; {_error_phrase(results)}."]
+    for i, sel in enumerate(_order(results, selection)):
+        out += ["", f"**{'Main table. ' if i == 0 else ''}{TITLES[sel]}**",
+                f"Test-domain accuracy (%), {_error_phrase(results)}.", ""]
+        if sel == "lodo":
+            out += [LODO_RULE + (f" {lodo_note(results)}" if lodo_note(results) else ""), ""]
+        out += _md_table(results, sel)
     return "\n".join(out)
 
 
@@ -277,16 +448,26 @@ def _fmt(v: Any) -> str:
     return f"{100 * v:.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
 
 
-def render_markdown(results: dict) -> str:
-    lines = [render_text(results), "", "### Selected (trial, step) per test domain and seed", "",
-             "| Selection | Method | Test domain | Seed | Trial | Step | val_acc | test_acc | test_out_acc | Params |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for selection, sels in results["selected"].items():
+SELECTED_TITLES = {"validation": "training-domain validation (best val_acc)",
+                   "lodo": "leave-one-domain-out validation (best mean lodo_acc)",
+                   "oracle": "ORACLE (each trial's last step; best test_out_acc)"}
+
+
+def render_markdown(results: dict, selection: str | None = None) -> str:
+    lines = [render_text(results, selection)]
+    for sel in _order(results, selection):
+        sels = results["selected"][sel]
+        lines += ["", f"### Selected (trial, step) per test domain and seed: {SELECTED_TITLES[sel]}", ""]
+        if not sels:
+            lines.append("None" + (f": {lodo_note(results)}" if sel == "lodo" and lodo_note(results) else "."))
+            continue
+        lines += ["| Method | Test domain | Seed | Trial | Step | val_acc | lodo_acc | test_acc | test_out_acc "
+                  "| Params |", "|---|---|---|---|---|---|---|---|---|---|"]
         for s in sels:
             params = ", ".join(f"{k}={_short(v)}" for k, v in (s["params"] or {}).items()) or "–"
-            lines.append(f"| {selection} | {s['method_group']} | {s['test_domain']} | {s['seed']} | {s['trial_id']} "
-                         f"| {s['step']} | {_fmt(s['val_acc'])} | {_fmt(s['test_acc'])} | "
-                         f"{_fmt(s['test_out_acc'])} | {params} |")
+            lines.append(f"| {s['method_group']} | {s['test_domain']} | {s['seed']} | {s['trial_id']} "
+                         f"| {s['step']} | {_fmt(s['val_acc'])} | {_fmt(s.get(LODO_METRIC))} "
+                         f"| {_fmt(s['test_acc'])} | {_fmt(s['test_out_acc'])} | {params} |")
     if results.get("failures"):
         lines += ["", "### Failed trials", ""]
         lines += [f"- {f['search']} / {f['trial_id']} ({f['method']}): {f['error']}" for f in results["failures"]]
@@ -302,7 +483,8 @@ CSV_FIELDS = ["selection", "method_group", "sweep", "test_domain", "seed", "tria
 
 
 def render_csv(results: dict) -> str:
-    """One line per selected (trial, step): selection, method row, test domain, seed, ..."""
+    """One line per selected (trial, step): selection (validation / lodo / oracle), method row, test domain, seed,
+    ..."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
@@ -313,11 +495,11 @@ def render_csv(results: dict) -> str:
     return buf.getvalue()
 
 
-def write(results: dict, out_dir: str | Path) -> list[Path]:
+def write(results: dict, out_dir: str | Path, selection: str | None = None) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.md", out_dir / "results.csv", out_dir / "results.json"]
-    paths[0].write_text(render_markdown(results))
+    paths[0].write_text(render_markdown(results, selection))
     paths[1].write_text(render_csv(results))
     paths[2].write_text(json.dumps(results, indent=2, default=str))
     return paths
@@ -329,9 +511,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", metavar="SWEEP_DIR", help="<storage>/<sweep name> of finished or "
                                                                       "running sweeps (methods side by side)")
     parser.add_argument("--out", metavar="DIR", help="write results.md/csv/json and plots/ there")
+    parser.add_argument("--selection", choices=list(CLI_SELECTIONS), default="val",
+                        help="the main table, printed first: training-domain validation (val, default), "
+                             "leave-one-domain-out validation (lodo) or the test-domain oracle (oracle); "
+                             "results.md/json/csv hold all three")
+    parser.add_argument("--error", choices=list(ERRORS), default="se",
+                        help="the ± over seeds: standard error std/sqrt(n) (se, default, DomainBed's) or the "
+                             "sample std (std)")
     args = parser.parse_args(argv)
     try:
-        results = build_from_dirs(args.paths)
+        results = build_from_dirs(args.paths, error=args.error, selection=CLI_SELECTIONS[args.selection])
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

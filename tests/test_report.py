@@ -34,7 +34,7 @@ def test_selection_reports_test_acc_of_best_validation_trial_and_step_not_best_t
     rows = [
         # trial 0: the best source-validation accuracy (at step 10), poor on the test domain
         row(0, 5, 0.70, 0.60), row(0, 10, 0.90, 0.50), row(0, 15, 0.85, 0.65),
-        # trial 1: worse on validation, the best on the test domain (also on its held-out 20%: the oracle's pick)
+        # trial 1: worse on validation, the best on the test domain (also on its held-out 20%)
         row(1, 5, 0.60, 0.80), row(1, 10, 0.80, 0.95), row(1, 15, 0.75, 0.90),
     ]
     results = report.build([sweep(rows)])
@@ -43,9 +43,11 @@ def test_selection_reports_test_acc_of_best_validation_trial_and_step_not_best_t
     assert sel["test_acc"] == 0.50 and sel["val_acc"] == 0.90
     assert sel["checkpoint_path"] == "/ckpt/0/10" and sel["params"] == {"method.name": "erm"}
     assert cell(results, "validation", "erm", "photo")["mean"] == pytest.approx(0.50)
+    # the oracle (DomainBed's) compares the trials' last steps: trial 1 at step 15 (0.90 > trial 0's 0.65), not
+    # trial 1's best step 10
     (orc,) = results["selected"]["oracle"]
-    assert (orc["trial_id"], orc["step"]) == ("abcde_00001", 10)
-    assert cell(results, "oracle", "erm", "photo")["mean"] == pytest.approx(0.95)
+    assert (orc["trial_id"], orc["step"]) == ("abcde_00001", 15)
+    assert cell(results, "oracle", "erm", "photo")["mean"] == pytest.approx(0.90)
 
 
 def test_oracle_selects_on_test_out_but_reports_test_in():
@@ -75,11 +77,15 @@ def test_mean_std_over_seeds_and_average_over_domains():
     results = report.build([sweep(rows, domains=("photo", "sketch"), seeds=(0, 1))])
     photo = cell(results, "validation", "erm", "photo")
     assert photo["mean"] == pytest.approx(0.7) and photo["std"] == pytest.approx(math.sqrt(0.02)) and photo["n"] == 2
+    assert photo["se"] == pytest.approx(math.sqrt(0.02) / math.sqrt(2))  # = 0.1
     avg = report.table_row(results, "validation", "erm")["avg"]
     assert avg["mean"] == pytest.approx((0.7 + 0.45) / 2)
-    assert avg["std"] == pytest.approx(math.sqrt(((0.5 - 0.575) ** 2 + (0.65 - 0.575) ** 2)))  # per-seed averages
-    text = report.render_text(results)
-    assert "70.0 ± 14.1" in text and "57.5 ± 10.6" in text
+    avg_std = math.sqrt(((0.5 - 0.575) ** 2 + (0.65 - 0.575) ** 2))  # of the per-seed averages 0.5 and 0.65
+    assert avg["std"] == pytest.approx(avg_std) and avg["se"] == pytest.approx(avg_std / math.sqrt(2))
+    text = report.render_text(results)  # the default error bar: the standard error
+    assert "70.0 ± 10.0" in text and "57.5 ± 7.5" in text and "mean ± standard error over 2 seeds" in text
+    text = report.render_text(report.build([sweep(rows, domains=("photo", "sketch"), seeds=(0, 1))], error="std"))
+    assert "70.0 ± 14.1" in text and "57.5 ± 10.6" in text and "mean ± std over 2 seeds" in text
 
 
 def test_one_seed_has_no_error_bar_and_missing_domain_has_no_average():
@@ -142,7 +148,7 @@ def test_write_files_and_cli_puts_sweeps_side_by_side(tmp_path, capsys):
     assert "FloatingPointError" in md and "1 failed" in md
     with open(out / "results.csv") as f:
         lines = list(csv.DictReader(f))
-    assert {(r["selection"], r["method_group"], r["test_domain"]) for r in lines} == {
+    assert {(r["selection"], r["method_group"], r["test_domain"]) for r in lines} == {  # no lodo rows: none selected
         (s, m, d) for s in ("validation", "oracle") for m in ("erm", "kd") for d in ("photo", "sketch")}
     data = json.loads((out / "results.json").read_text())
     assert data["sweeps"] == ["sw-erm", "sw-kd"]
@@ -173,3 +179,224 @@ def test_same_method_in_two_sweeps_is_labelled_by_sweep(tmp_path):
 def test_cli_rejects_a_directory_without_rows(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "trials.jsonl" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ error bars, oracle, selectable, LODO
+def test_standard_error_and_std_over_three_seeds():
+    acc = {("photo", 0): 0.5, ("photo", 1): 0.6, ("photo", 2): 0.9,
+           ("sketch", 0): 0.3, ("sketch", 1): 0.4, ("sketch", 2): 0.2}
+    rows = [row(0, 5, 0.9, a, domain=d, seed=s) for (d, s), a in acc.items()]
+    sw = sweep(rows, domains=("photo", "sketch"), seeds=(0, 1, 2))
+    # by hand: photo's mean 2/3, sample std sqrt(sum of squared deviations / 2), standard error std / sqrt(3)
+    mean = (0.5 + 0.6 + 0.9) / 3
+    std = math.sqrt(((0.5 - mean) ** 2 + (0.6 - mean) ** 2 + (0.9 - mean) ** 2) / 2)  # 0.2082
+    se = std / math.sqrt(3)  # 0.1202
+    # Avg: the per-seed averages over the two domains are 0.40, 0.50, 0.55
+    per_seed = [(0.5 + 0.3) / 2, (0.6 + 0.4) / 2, (0.9 + 0.2) / 2]
+    avg_mean = sum(per_seed) / 3
+    avg_std = math.sqrt(sum((v - avg_mean) ** 2 for v in per_seed) / 2)  # 0.0764
+    for error, err, avg_err, text in (("se", se, avg_std / math.sqrt(3), "66.7 ± 12.0 | 30.0 ± 5.8 | 48.3 ± 4.4"),
+                                      ("std", std, avg_std, "66.7 ± 20.8 | 30.0 ± 10.0 | 48.3 ± 7.6")):
+        results = report.build([sw], error=error)
+        photo = cell(results, "validation", "erm", "photo")
+        assert photo["mean"] == pytest.approx(mean) and photo["n"] == 3
+        assert photo["std"] == pytest.approx(std) and photo["se"] == pytest.approx(se)
+        assert photo["err"] == pytest.approx(err)
+        avg = report.table_row(results, "validation", "erm")["avg"]
+        assert avg["mean"] == pytest.approx(avg_mean) and avg["n"] == 3
+        assert avg["std"] == pytest.approx(avg_std) and avg["err"] == pytest.approx(avg_err)
+        assert results["error"] == error
+        printed = report.render_text(results)
+        assert f"| erm | {text} |" in printed
+        assert printed.count(f"mean ± {'standard error' if error == 'se' else 'std'} over 3 seeds") >= 3  # each table
+    single = report.build([sweep([row(0, 5, 0.9, 0.5)])])
+    c = cell(single, "validation", "erm", "photo")
+    assert (c["std"], c["se"], c["err"], c["n"]) == (None, None, None, 1)
+
+
+def test_oracle_takes_each_trials_last_step_even_when_an_earlier_step_was_better_on_test_out():
+    rows = [
+        # trial 0: the best test_out_acc of all at step 5, but its last step (10) is poor
+        row(0, 5, 0.5, test=0.95, test_out=0.99), row(0, 10, 0.5, test=0.41, test_out=0.40),
+        # trial 1: its last step is the best last step
+        row(1, 5, 0.5, test=0.55, test_out=0.50), row(1, 10, 0.5, test=0.62, test_out=0.60),
+    ]
+    results = report.build([sweep(rows)])
+    (orc,) = results["selected"]["oracle"]
+    assert (orc["trial_id"], orc["step"], orc["test_acc"]) == ("abcde_00001", 10, 0.62)
+    assert cell(results, "oracle", "erm", "photo")["mean"] == pytest.approx(0.62)
+
+
+def test_unselectable_rows_are_never_selected_by_validation_but_a_last_row_counts_for_the_oracle():
+    rows = [
+        # trial 0: a raw-model evaluation (not selectable) with the best val_acc, then its delivered (SWAD) model
+        {**row(0, 5, 0.95, 0.30), "selectable": False, "eval_model": "raw"},
+        {**row(0, 10, 0.80, 0.60), "selectable": True, "eval_model": "swad", "final": True},
+        # trial 1: a selectable step 5 (no `selectable` field: selectable), and a last row that is not selectable
+        row(1, 5, 0.85, 0.70),
+        {**row(1, 10, 0.90, 0.97, test_out=0.99), "selectable": False, "final": True},
+    ]
+    results = report.build([sweep(rows)])
+    (sel,) = results["selected"]["validation"]
+    assert (sel["trial_id"], sel["step"], sel["test_acc"]) == ("abcde_00001", 5, 0.70)  # 0.85 beats 0.80
+    (orc,) = results["selected"]["oracle"]  # last rows: trial 0 step 10 (0.60), trial 1 step 10 (0.99)
+    assert (orc["trial_id"], orc["step"], orc["test_acc"]) == ("abcde_00001", 10, 0.97)
+    only_unselectable = report.build([sweep([{**row(0, 5, 0.9, 0.5), "selectable": False}])])
+    assert only_unselectable["selected"]["validation"] == []
+    assert cell(only_unselectable, "oracle", "erm", "photo")["mean"] == pytest.approx(0.5)
+    assert "photo" not in report.table_row(only_unselectable, "validation", "erm")["domains"]
+
+
+SOURCES = ("art", "cartoon", "sketch")
+
+
+def main_row(trial, step, val, test, seed=0, **kw):
+    """An evaluation row of a search held out on photo, with per-source-domain validation accuracies."""
+    return {**row(trial, step, val, test, seed=seed, **kw), **{f"val_acc/{d}": val for d in SOURCES}}
+
+
+def lodo(trial, step, domain, acc, seed=0, sweep="sw", **extra):
+    return {"event": "lodo", "sweep": sweep, "search": f"photo-s{seed}", "test_domain": "photo", "seed": seed,
+            "trial_id": f"abcde_{trial:05d}", "step": step, "lodo_domain": domain, "lodo_acc": acc,
+            "selectable": True, "method": "erm", "params": {"method.name": "erm"}, **extra}
+
+
+def lodo_all(trial, step, accs, seed=0, **extra):
+    return [lodo(trial, step, d, a, seed=seed, **extra) for d, a in zip(SOURCES, accs)]
+
+
+def lodo_case():
+    rows = [main_row(0, 5, 0.9, 0.50), main_row(0, 10, 0.8, 0.55), main_row(1, 5, 0.7, 0.65),
+            main_row(2, 5, 0.6, 0.75), {**main_row(2, 10, 0.5, 0.80), "selectable": False},
+            main_row(3, 5, 0.4, 0.85)]
+    lodo_rows = [
+        *lodo_all(0, 5, (0.6, 0.5, 0.4)),     # mean 0.5
+        *lodo_all(0, 10, (0.7, 0.6, 0.8)),    # mean 0.7: the pick
+        *lodo_all(1, 5, (0.9, 0.9)),          # no sketch run: incomplete (its mean over two would be 0.9)
+        *lodo_all(2, 5, (0.8, 0.7, 0.5)),     # mean 0.6667
+        *lodo_all(2, 10, (0.95, 0.95, 0.95)),  # its main row is not selectable
+        *lodo_all(3, 5, (0.99, 0.99)), lodo(3, 5, "sketch", 0.99, selectable=False),  # one lodo row not selectable
+    ]
+    return rows, lodo_rows
+
+
+def test_lodo_picks_the_best_mean_lodo_accuracy_and_reports_the_main_rows_test_acc():
+    rows, lodo_rows = lodo_case()
+    results = report.build([{**sweep(rows), "lodo": report.dedupe_lodo(lodo_rows)}])
+    (sel,) = results["selected"]["lodo"]
+    assert (sel["trial_id"], sel["step"], sel["test_acc"]) == ("abcde_00000", 10, 0.55)
+    assert sel["lodo_acc"] == pytest.approx((0.7 + 0.6 + 0.8) / 3)
+    assert sel["lodo_accs"] == pytest.approx({"art": 0.7, "cartoon": 0.6, "sketch": 0.8})
+    assert cell(results, "lodo", "erm", "photo")["mean"] == pytest.approx(0.55)
+    (val,) = results["selected"]["validation"]  # training-domain validation is unchanged: trial 0 step 5
+    assert (val["trial_id"], val["step"], val["test_acc"]) == ("abcde_00000", 5, 0.50)
+    assert "no leave-one-domain-out runs" not in report.render_markdown(results)
+
+
+def test_lodo_ignores_trials_with_incomplete_lodo_rows():
+    rows, lodo_rows = lodo_case()
+    # without trial 0's and trial 2's step-5 runs, only incomplete or unselectable (trial, step)s are left
+    kept = [r for r in lodo_rows if (r["trial_id"], r["step"]) not in {("abcde_00000", 5), ("abcde_00000", 10),
+                                                                       ("abcde_00002", 5)}]
+    results = report.build([{**sweep(rows), "lodo": report.dedupe_lodo(kept)}])
+    assert results["selected"]["lodo"] == [] and "photo" not in report.table_row(results, "lodo", "erm")["domains"]
+    # seed 1: only trial 1 has all three runs, with a lower mean than trial 0's two-domain one
+    rows1 = [main_row(0, 5, 0.9, 0.3, seed=1), main_row(1, 5, 0.8, 0.6, seed=1)]
+    lodo1 = [*lodo_all(0, 5, (0.99, 0.99), seed=1), *lodo_all(1, 5, (0.2, 0.3, 0.4), seed=1)]
+    results = report.build([{**sweep(rows1, seeds=(1,)), "lodo": report.dedupe_lodo(lodo1)}])
+    (sel,) = results["selected"]["lodo"]
+    assert (sel["trial_id"], sel["test_acc"]) == ("abcde_00001", 0.6) and sel["lodo_acc"] == pytest.approx(0.3)
+
+
+def test_no_lodo_rows_gives_empty_cells_and_a_note():
+    rows = [row(0, 5, 0.9, 0.5, domain="photo"), row(0, 5, 0.9, 0.6, domain="sketch")]
+    results = report.build([sweep(rows, domains=("photo", "sketch"))])
+    r = report.table_row(results, "lodo", "erm")
+    assert r["domains"] == {} and r["avg"]["mean"] is None and results["selected"]["lodo"] == []
+    assert results["lodo_rows"] == {"sw": 0}
+    text = report.render_text(results)
+    lodo_part = text[text.index("Leave-one-domain-out validation"):text.index("ORACLE")]
+    assert "| erm | – | – | – |" in lodo_part and "no leave-one-domain-out runs" in lodo_part
+    md = report.render_markdown(results)
+    assert "The sweep has no leave-one-domain-out runs (`search.lodo: true` produces them)" in md
+    assert "| erm | 50.0 | 60.0 | 55.0 |" in md  # the validation table is unaffected
+
+
+def test_lodo_rows_are_loaded_deduped_and_ignored_by_the_other_loaders(tmp_path):
+    d = tmp_path / "sw"
+    d.mkdir()
+    rows, lodo_rows = lodo_case()
+    stale = lodo(0, 10, "art", 0.10)  # reported again after a resume: the last report wins
+    lines = [*rows, stale, *lodo_rows, {"event": "end", "search": "photo-s0", "trial_id": "abcde_00000",
+                                        "status": "completed"}]
+    (d / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [(r["trial_id"], r["step"]) for r in report.load_rows(d)] == [(r["trial_id"], r["step"]) for r in rows]
+    loaded = report.load_lodo_rows(d)
+    assert len(loaded) == len(lodo_rows)
+    assert next(r for r in loaded if (r["trial_id"], r["step"], r["lodo_domain"]) == ("abcde_00000", 10, "art"))[
+        "lodo_acc"] == 0.7
+    (sel,) = report.build_from_dirs([d])["selected"]["lodo"]
+    assert (sel["trial_id"], sel["step"], sel["test_acc"]) == ("abcde_00000", 10, 0.55)
+
+
+def _cli_sweep(path):
+    """photo held out (sources art, sketch), seeds 0 and 1. Per seed: trial 0 wins training-domain validation,
+    trial 1 wins leave-one-domain-out validation, trial 2 (no lodo runs) wins the oracle."""
+    tests = {(0, 0): 0.40, (0, 1): 0.50, (1, 0): 0.60, (1, 1): 0.80, (2, 0): 0.95, (2, 1): 0.95}
+    vals = {0: 0.9, 1: 0.5, 2: 0.1}
+    rows, lodos = [], []
+    for (trial, seed), test in tests.items():
+        rows.append({**row(trial, 5, vals[trial], test, seed=seed), "val_acc/art": vals[trial],
+                     "val_acc/sketch": vals[trial]})
+        if trial < 2:
+            lodos += [lodo(trial, 5, dom, 0.3 + 0.4 * trial, seed=seed) for dom in ("art", "sketch")]
+    _write_sweep(path, rows, {"sweep": "sw", "test_domains": ["photo"], "seeds": [0, 1], "methods": ["erm"],
+                              "method_searched": False}, events=lodos)
+
+
+def _first_row(printed, label="| erm |"):
+    return next(ln for ln in printed.splitlines() if ln.startswith(label))
+
+
+def test_cli_selection_and_error_flags_change_what_is_printed_and_files_hold_all_three(tmp_path, capsys):
+    _cli_sweep(tmp_path / "sw")
+    # validation: 0.40, 0.50 -> mean 45.0, std sqrt(0.005) = 7.1, se 7.07 / sqrt(2) = 5.0
+    # lodo: 0.60, 0.80 -> mean 70.0, std sqrt(0.02) = 14.1, se 10.0;  oracle: 0.95, 0.95 -> 95.0 ± 0.0
+    assert report.main([str(tmp_path / "sw")]) == 0
+    printed = capsys.readouterr().out
+    assert _first_row(printed) == "| erm | 45.0 ± 5.0 | 45.0 ± 5.0 |"
+    assert "**Main table. Training-domain validation" in printed
+    assert "mean ± standard error over 2 seeds" in printed and "mean ± std over" not in printed
+    assert "| erm | 70.0 ± 10.0 | 70.0 ± 10.0 |" in printed
+    assert "| erm (oracle) | 95.0 ± 0.0 | 95.0 ± 0.0 |" in printed
+
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "sw"), "--selection", "lodo", "--error", "std", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert _first_row(printed) == "| erm | 70.0 ± 14.1 | 70.0 ± 14.1 |"
+    assert "**Main table. Leave-one-domain-out validation" in printed
+    assert printed.index("Leave-one-domain-out validation") < printed.index("Training-domain validation") \
+        < printed.index("ORACLE")
+    assert "mean ± std over 2 seeds" in printed and "standard error" not in printed
+    assert "| erm | 45.0 ± 7.1 | 45.0 ± 7.1 |" in printed
+
+    md = (out / "results.md").read_text()
+    for title in ("Training-domain validation", "Leave-one-domain-out validation", "ORACLE"):
+        assert f"{title}" in md
+    assert md.count("### Selected (trial, step)") == 3
+    # trial 1's lodo_acc: 0.3 + 0.4 = 0.7 on both source domains
+    assert "| erm | photo | 0 | abcde_00001 | 5 | 50.0 | 70.0 | 60.0 | 60.0 |" in md
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["table"]) == set(data["selected"]) == {"validation", "lodo", "oracle"}
+    assert data["error"] == "std" and data["main_selection"] == "lodo"
+    assert [(s["trial_id"], s["seed"]) for s in data["selected"]["lodo"]] == [("abcde_00001", 0), ("abcde_00001", 1)]
+    assert [(s["trial_id"], s["seed"]) for s in data["selected"]["oracle"]] == [("abcde_00002", 0),
+                                                                                 ("abcde_00002", 1)]
+    with open(out / "results.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert [(r["selection"], r["trial_id"], r["seed"]) for r in lines] == [
+        ("validation", "abcde_00000", "0"), ("validation", "abcde_00000", "1"),
+        ("lodo", "abcde_00001", "0"), ("lodo", "abcde_00001", "1"),
+        ("oracle", "abcde_00002", "0"), ("oracle", "abcde_00002", "1")]
+    assert list(lines[0]) == report.CSV_FIELDS
+    assert (out / "plots" / "accuracy.png").stat().st_size > 1000
