@@ -37,7 +37,8 @@ DEFAULTS: dict[str, Any] = {
         "fit_steps": None,  # steps when fitting (None: the fitter's default)
         "preprocess": "clip",  # clip (correct) | imagenet (what RISE/SCMD/VL2V's code fed CLIP)
         "prompts": "domain",  # a template set name (single, domain, openai, rise, scmd, li) or a list of templates
-        "online": False,  # run the teacher on augmented views in the workers instead of the cache
+        "online": False,  # true: the teacher encodes the student's augmented views in the workers (white-box)
+        "views": 0,  # K > 0: the driver caches the teacher's embeddings of K augmented views per image (black-box)
     },
     "student": {
         "backbone": "resnet18",
@@ -59,6 +60,9 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip": None,
         "num_checkpoints": 2,  # checkpoints kept per trial, best by source-validation accuracy
         "max_failures": 1,  # worker failures retried from the last checkpoint
+        "averaging": "none",  # none | sma (DomainBed/SCMD's moving average) | swad (SWAD's loss-valley average)
+        "averaging_start": 300,  # sma: the first averaged step (SCMD: 300)
+        "swad": {"n_converge": 3, "n_tolerance": 6, "tolerance_ratio": 0.3, "bn_steps": 500},  # SWAD's defaults
     },
     "resources": {
         "num_workers": 1,  # DDP workers per trial
@@ -93,6 +97,7 @@ TYPES: dict[str, Any] = {
     "teacher.preprocess": str,
     "teacher.prompts": (str, list),
     "teacher.online": bool,
+    "teacher.views": int,
     "student.backbone": str,
     "student.pretrained": str,
     "student.freeze_bn": bool,
@@ -110,6 +115,12 @@ TYPES: dict[str, Any] = {
     "train.grad_clip": (int, float, type(None)),
     "train.num_checkpoints": int,
     "train.max_failures": int,
+    "train.averaging": str,
+    "train.averaging_start": int,
+    "train.swad.n_converge": int,
+    "train.swad.n_tolerance": int,
+    "train.swad.tolerance_ratio": NUMBER,
+    "train.swad.bn_steps": int,
     "resources.num_workers": int,
     "resources.cpus_per_worker": NUMBER,
     "resources.gpus_per_worker": NUMBER,
@@ -123,6 +134,7 @@ CHOICES = {
     "train.optimizer": ["adam", "adamw", "sgd"],
     "train.lr_schedule": ["constant", "cosine", "step"],
     "train.amp": ["auto", "bf16", "off"],
+    "train.averaging": ["none", "sma", "swad"],
 }
 
 FIT = "fit"
@@ -187,7 +199,8 @@ def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
     keys = []
     for key, value in d.items():
         full = f"{prefix}{key}"
-        if isinstance(value, dict) and full in {"dataset", "dataset.world", "teacher", "student", "train", "resources", "method"}:
+        if isinstance(value, dict) and full in {"dataset", "dataset.world", "teacher", "student", "train", "train.swad",
+                                                      "resources", "method"}:
             keys += _leaf_keys(value, full + ".")
         else:
             keys.append(full)
@@ -255,6 +268,19 @@ def schema_problems(cfg: dict) -> list[str]:
     check("train.num_checkpoints", lambda v: v >= 1, "must be >= 1")
     check("train.max_failures", lambda v: v >= 0, "must be >= 0")
     check("train.grad_clip", lambda v: v > 0, "must be > 0")
+    check("teacher.views", lambda v: v >= 0, "must be >= 0 (0: the centre view only)")
+    check("train.averaging_start", lambda v: v >= 1, "must be >= 1")
+    check("train.swad.n_converge", lambda v: v >= 1, "must be >= 1")
+    check("train.swad.n_tolerance", lambda v: v >= 1, "must be >= 1")
+    check("train.swad.tolerance_ratio", lambda v: v >= 0, "must be >= 0")
+    check("train.swad.bn_steps", lambda v: v >= 0, "must be >= 0")
+    views = get_dotted(cfg, "teacher.views")
+    if isinstance(views, int) and not isinstance(views, bool) and views > 0:
+        if get_dotted(cfg, "teacher.online") is True:
+            problems.append("teacher.views and teacher.online: choose one way for the teacher to see the student's "
+                            "views (online: the teacher runs in the workers; views: K cached views)")
+        if get_dotted(cfg, "train.augment") is False:
+            problems.append("teacher.views: cached augmented views need train.augment: true")
     check("resources.num_workers", lambda v: v >= 1, "must be >= 1")
     check("resources.cpus_per_worker", lambda v: v > 0, "must be > 0")
     check("resources.gpus_per_worker", lambda v: v >= 0, "must be >= 0")
@@ -282,16 +308,26 @@ def method_problems(cfg: dict) -> list[str]:
                             f"it has: {sorted(method.hparams) or 'none'}")
             continue
         default = method.hparams[key]
-        if default is not None and not _type_ok(value, float if isinstance(default, float) else type(default)):
+        if key in AUTO_OR_POSITIVE:
+            if value != AUTO and not (_type_ok(value, float) and value > 0):  # NaN too
+                problems.append(f"method.{key}: expected {AUTO!r} (the teacher's own learned logit scale) or a "
+                                f"number > 0, got {value!r}")
+        elif default is not None and not _type_ok(value, float if isinstance(default, float) else type(default)):
             problems.append(f"method.{key}: expected {_type_name(type(default))} like the default {default!r}, "
                             f"got {value!r}")
         elif key in POSITIVE_HPARAMS and _type_ok(value, float) and not value > 0:  # NaN too
             problems.append(f"method.{key}: must be > 0, got {value!r}")
+    if not problems:
+        hp = {**method.hparams, **{k: v for k, v in (cfg.get("method") or {}).items() if k != "name"}}
+        problems += [f"method.{p}" for p in method.hparam_problems(hp)]
     return problems
 
 
 # method hyperparameters that are scales or temperatures, whatever the method: must be > 0
-POSITIVE_HPARAMS = {"temperature", "teacher_logit_scale"}
+POSITIVE_HPARAMS = {"temperature"}
+# ... or `auto`: the teacher's own learned logit scale, read from the loaded teacher
+AUTO = "auto"
+AUTO_OR_POSITIVE = {"teacher_logit_scale"}
 
 
 def reference_problems(cfg: dict) -> list[str]:
@@ -409,12 +445,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] | dict | None = No
     return build_config(raw, overrides, str(path))
 
 
-def trial_config(cfg: dict, test_domain: str | None = None, seed: int | None = None) -> dict:
-    """The config of one trial: one test domain and one seed; sweep-only sections dropped."""
+def trial_config(cfg: dict, test_domain: str | None = None, seed: int | None = None,
+                 lodo_domain: str | None = None) -> dict:
+    """The config of one trial: one test domain and one seed; sweep-only sections dropped. ``lodo_domain``: a source
+    domain also held out of training (a leave-one-domain-out selection run)."""
     out = copy.deepcopy(cfg)
     out["test_domain"] = test_domain or cfg["test_domains"][0]
     if seed is not None:
         out["seed"] = seed
+    if lodo_domain is not None:
+        out["lodo_domain"] = lodo_domain
     out.pop("search", None)
     out.pop("seeds", None)
     return out

@@ -43,6 +43,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "asha": {"grace_period": 1, "reduction_factor": 2},  # in evaluation rounds (train.eval_every steps)
     "sampler_seed": None,  # None: the config's `seed`
     "max_failures": 1,  # Tune-level retries of a failed trial (it resumes from its last Train checkpoint)
+    "lodo": False,  # also train each trial's leave-one-domain-out models (DomainBed's LODO selection; x sources)
     "space": {},
 }
 # keys that define the sweep itself (its outer loop, its paths, its cluster share): never searched
@@ -440,6 +441,7 @@ def _search_section(raw: Any, problems: list[str]) -> dict:
     check("max_concurrent", lambda v: is_int(v) and v >= 1, "an integer >= 1 or null", allow_none=True)
     check("sampler_seed", is_int, "an integer or null", allow_none=True)
     check("max_failures", lambda v: is_int(v) and v >= 0, "an integer >= 0")
+    check("lodo", lambda v: isinstance(v, bool), "true or false")
     if search["scheduler"] is None:
         search["scheduler"] = "none"
     check("scheduler", lambda v: v in SCHEDULERS, f"one of {list(SCHEDULERS)}")
@@ -506,8 +508,8 @@ def trial_raw(raw: dict, params: dict[str, Any]) -> dict:
     return _with_method(out, method) if "method.name" in params and isinstance(method, str) else out
 
 
-def trial_cfg(raw: dict, params: dict[str, Any], test_domain: str, seed: int) -> dict:
-    return trial_config(build_config(trial_raw(raw, params)), test_domain, seed)
+def trial_cfg(raw: dict, params: dict[str, Any], test_domain: str, seed: int, lodo_domain: str | None = None) -> dict:
+    return trial_config(build_config(trial_raw(raw, params)), test_domain, seed, lodo_domain)
 
 
 def make_plan(path: str | os.PathLike, overrides: list[str] | None = None, storage: str | None = None) -> Plan:
@@ -665,13 +667,15 @@ class SweepTrial:
     __name__ = "distill_trial"  # Tune names trials after the trainable
 
     def __init__(self, raw: dict, sweep: str, test_domain: str, seed: int, parent_run_id: str | None,
-                 train_storage: str, tracking_uri: str):
+                 train_storage: str, tracking_uri: str, lodo_dir: str | None = None):
         self.raw, self.sweep, self.test_domain, self.seed = raw, sweep, test_domain, seed
         self.parent_run_id, self.train_storage, self.tracking_uri = parent_run_id, train_storage, tracking_uri
+        self.lodo_dir = lodo_dir   # search.lodo: where this search's leave-one-domain-out rows go
 
     def __call__(self, config: dict) -> None:
         from ray import tune
 
+        from .trial.prepare import trial_steps
         from .train import run_trial
 
         # Ray started before MLFLOW_TRACKING_URI was set in the driver would not pass it on: set it here
@@ -679,14 +683,54 @@ class SweepTrial:
         trial_id = tune.get_context().get_trial_id()
         cfg = trial_cfg(self.raw, config, self.test_domain, self.seed)
         name = train_run_name(self.sweep, self.test_domain, self.seed, trial_id)
-        final = finished_metrics(self.tracking_uri, self.sweep, name, cfg["train"]["steps"])
+        total = sum(n for _, n in trial_steps(cfg))
+        final = finished_metrics(self.tracking_uri, self.sweep, name, total)
         if final is not None:
             # a trial that had finished when the driver died, before Tune recorded it: report its final metrics
-            # again instead of starting its TorchTrainer (which would re-evaluate the last checkpoint)
+            # again instead of starting its TorchTrainer
             tune.report({**final, "replayed": True})
             return
+        if self.lodo_dir:
+            self.lodo_runs(config, trial_id, name)
         run_trial(cfg, tune=True, parent_run_id=self.parent_run_id, name=name, train_storage=self.train_storage,
                   experiment=self.sweep)
+
+    def lodo_runs(self, config: dict, trial_id: str, name: str) -> None:
+        """DomainBed's leave-one-domain-out runs of this trial (same hyperparameters and seed): for every source
+        domain V, a model trained with V held out too; its evaluations of V's in-split go to
+        `<sweep>/lodo/<search>-<trial>-<V>.json` (one file per run, written once it finished; a rerun skips it)."""
+        from .report import LODO_EVENT
+        from .train import run_trial
+        from .trial.launch import read_checkpoint
+
+        search = search_name(self.test_domain, self.seed)
+        base = trial_cfg(self.raw, config, self.test_domain, self.seed)
+        for domain in _source_domains(base):
+            out = Path(self.lodo_dir) / f"{search}-{trial_id}-{domain}.json"
+            if out.is_file():
+                continue
+            cfg = trial_cfg(self.raw, config, self.test_domain, self.seed, lodo_domain=domain)
+            result = run_trial(cfg, parent_run_id=self.parent_run_id, name=f"{name}-lodo-{domain}",
+                               train_storage=self.train_storage, experiment=self.sweep)
+            with result.checkpoint.as_directory() as d:
+                history = read_checkpoint(d)["history"]
+            common = {"event": LODO_EVENT, "sweep": self.sweep, "search": search, "test_domain": self.test_domain,
+                      "seed": self.seed, "trial_id": trial_id, "lodo_domain": domain,
+                      "method": cfg["method"]["name"], "params": dict(config)}
+            rows = [{**common, "step": r["step"], "lodo_acc": r.get("lodo_acc"), "selectable": r.get("selectable"),
+                     "final": r.get("final")} for r in history]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows, default=str))
+            tmp.replace(out)
+
+
+def _source_domains(cfg: dict) -> list[str]:
+    from .data.registry import get_spec
+
+    ds = cfg["dataset"]
+    spec = get_spec(ds["name"], ds["root"] if ds["name"] != "synth" else None)
+    return [d for d in spec.domains if d != cfg["test_domain"]]
 
 
 def finished_metrics(uri: str, sweep: str, run_name: str, steps: int) -> dict | None:
@@ -698,7 +742,7 @@ def finished_metrics(uri: str, sweep: str, run_name: str, steps: int) -> dict | 
     if run is None or run.info.status != "FINISHED" or run.data.tags.get(tracking.STATUS_TAG) != "finished":
         return None
     metrics = dict(run.data.metrics)
-    return {**metrics, "step": steps} if METRIC in metrics else None
+    return {**metrics, "step": steps, "final": True, "total_steps": steps} if METRIC in metrics else None
 
 
 def trial_name(trial) -> str:
@@ -713,7 +757,7 @@ class FinishingASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result):
         action = super().on_trial_result(tune_controller, trial, result)
-        if result.get(self._time_attr, -1) >= self._max_t:
+        if result.get("final") or result.get(self._time_attr, -1) >= self._max_t:
             return TrialScheduler.CONTINUE
         return action
 
@@ -753,15 +797,17 @@ class TrialLog(Callback):
                    if r.get("event") == "eval"):
                 return
         keep = {k: v for k, v in result.items()
-                if k in ("step", "val_acc", METRIC, "test_acc", "test_out_acc", "loss", "checkpoint_path",
-                         "training_iteration", "time_total_s", "timestamp")
+                if k in ("step", "val_acc", METRIC, "test_acc", "test_out_acc", "val_loss", "loss", "checkpoint_path",
+                         "training_iteration", "time_total_s", "timestamp", "stage", "eval_model", "selectable",
+                         "final", "total_steps", "raw_val_acc")
                 or k.startswith(("val_acc/", "loss/"))}
         append_jsonl(self.path, {"event": "eval", **self._common(trial), **keep})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         step = last.get("step")
-        status = "completed" if step is not None and step >= self.steps else "early_stopped"
+        done = last.get("final") or (step is not None and step >= last.get("total_steps", self.steps))
+        status = "completed" if done else "early_stopped"
         append_jsonl(self.path, {"event": "end", **self._common(trial), "status": status, "step": step})
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -907,6 +953,21 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def max_trial_steps(plan: Plan) -> int:
+    """The most optimiser steps a trial of the sweep can take (every stage of every method it can choose)."""
+    from .trial.prepare import trial_steps
+
+    return max(sum(n for _, n in trial_steps(_with_method_cfg(plan.cfg, m))) for m in plan.methods)
+
+
+def _with_method_cfg(cfg: dict, method: str) -> dict:
+    from .methods import get_method
+
+    if cfg["method"]["name"] == method:
+        return cfg
+    return {**cfg, "method": {"name": method, **get_method(method).hparams}}
+
+
 def run_search(plan: Plan, test_domain: str, seed: int, parent_run_id: str, n_concurrent: int,
                resume: bool) -> dict:
     """One Tuner + one Optuna study for one (held-out domain, seed); restored from its experiment dir if any."""
@@ -918,7 +979,8 @@ def run_search(plan: Plan, test_domain: str, seed: int, parent_run_id: str, n_co
     exp_path = _join(plan.tune_root, name)
     sweep_dir = plan.sweep_dir
     trainable = tune.with_resources(
-        SweepTrial(plan.raw, plan.name, test_domain, seed, parent_run_id, plan.train_root, plan.tracking_uri),
+        SweepTrial(plan.raw, plan.name, test_domain, seed, parent_run_id, plan.train_root, plan.tracking_uri,
+                   str(sweep_dir / "lodo") if plan.search["lodo"] else None),
         TRIAL_RESOURCES)
     study_name = f"{plan.name}:{name}"
     t0 = time.time()
@@ -937,11 +999,11 @@ def run_search(plan: Plan, test_domain: str, seed: int, parent_run_id: str, n_co
         scheduler = None
         if plan.search["scheduler"] == "asha":
             every = plan.cfg["train"]["eval_every"]
-            scheduler = FinishingASHA(time_attr="step", max_t=plan.cfg["train"]["steps"],
+            scheduler = FinishingASHA(time_attr="step", max_t=max_trial_steps(plan),
                                       grace_period=plan.search["asha"]["grace_period"] * every,
                                       reduction_factor=plan.search["asha"]["reduction_factor"])
         log = TrialLog(str(sweep_dir / ROWS_FILE), plan.name, name, test_domain, seed, plan.cfg["method"]["name"],
-                       plan.cfg["train"]["steps"])
+                       max_trial_steps(plan))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
@@ -1195,17 +1257,13 @@ def _log_checkpoint(uri: str, run_id: str, checkpoint_path: str | None) -> None:
     """A trial stopped early (ASHA) never logged its best checkpoint: log the selected step's checkpoint."""
     import tempfile
 
-    import torch
-
-    from .train import CHECKPOINT_FILE
+    from .trial.launch import export_model, read_checkpoint
+    from .trial.loop import CHECKPOINT_FILE
 
     if not checkpoint_path or not (Path(checkpoint_path) / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint_path} is gone (train.num_checkpoints keeps the best)")
-    state = torch.load(Path(checkpoint_path) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({"model": state["model"], "step": state["step"], "metrics": state["metrics"]},
-                   Path(tmp) / "model.pt")
-        (Path(tmp) / "metrics.json").write_text(json.dumps(state["metrics"], indent=2, default=str))
+        export_model(read_checkpoint(checkpoint_path), tmp)
         tracking.log_artifact(uri, run_id, tmp, "best_checkpoint")
 
 

@@ -359,7 +359,7 @@ def _tiny_method(name: str, hp: dict):
 
     cls = REGISTRY[name]
     dim = TINY_DIM
-    ctx = MethodContext(class_names=list(PACS_CLASSES), domain_names=list(PACS_DOMAINS),
+    ctx = MethodContext(class_names=list(PACS_CLASSES),
                         source_domains=PACS_DOMAINS[:3], total_steps=100, num_classes=len(PACS_CLASSES),
                         embed_dim=dim, class_prompts=[[f"a photo of a {c}."] for c in PACS_CLASSES])
     full = {**cls.hparams, **hp}

@@ -20,7 +20,7 @@ def test_defaults_and_overrides(tmp_path):
     """)
     cfg = load_config(p, ["train.lr=0.01", "method.kd_weight=0.25", "test_domains=[sketch, photo]"])
     assert cfg["train"]["lr"] == 0.01 and cfg["train"]["steps"] == 10
-    assert cfg["method"] == {"name": "kd", "temperature": 2.0, "kd_weight": 0.25, "teacher_logit_scale": 100.0}
+    assert cfg["method"] == {"name": "kd", "temperature": 2.0, "kd_weight": 0.25, "teacher_logit_scale": "auto"}
     assert cfg["storage"] == str((tmp_path / "runs").resolve())
     assert cfg["dataset"]["root"] == str((tmp_path / "runs" / "data" / "synth").resolve())
     assert cfg["test_domains"] == ["sketch", "photo"]

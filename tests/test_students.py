@@ -13,22 +13,28 @@ def test_outputs(name):
     assert out["embed"].shape == (3, 64) and out["logits"].shape == (3, 5)
 
 
-def test_frozen_bn_matches_eval_batchnorm():
-    torch.manual_seed(0)
-    bn = torch.nn.BatchNorm2d(4)
-    bn.running_mean.uniform_(-1, 1)
-    bn.running_var.uniform_(0.5, 2)
-    bn.weight.data.uniform_(0.5, 1.5)
-    bn.bias.data.uniform_(-1, 1)
-    x = torch.randn(2, 4, 5, 5)
-    expected = bn.eval()(x)
-    frozen = FrozenBatchNorm2d(bn)
-    assert torch.allclose(frozen(x), expected, atol=1e-6)
+def test_frozen_bn_freezes_statistics_and_keeps_affine_parameters_trainable():
+    """DomainBed's freeze_bn: BatchNorm always in eval mode (running statistics fixed), weight and bias trained."""
     s = build_student("resnet18", freeze_bn=True, embed_dim=8, num_classes=3)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in s.modules())
-    s.train()(torch.randn(2, 3, 32, 32))  # train mode does not touch frozen statistics
-    assert all(not p.requires_grad for m in s.modules() if isinstance(m, FrozenBatchNorm2d)
-               for p in m.parameters())
+    frozen = [m for m in s.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen and not any(type(m) is torch.nn.BatchNorm2d for m in s.modules())
+    bn = frozen[0]
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    before = {id(m): (m.running_mean.clone(), m.running_var.clone()) for m in frozen}
+    s.train()
+    assert not any(m.training for m in frozen)
+    out = s(torch.randn(4, 3, 32, 32))
+    out["logits"].sum().backward()
+    for m in frozen:   # statistics untouched in train mode, affine parameters get gradients
+        assert torch.equal(m.running_mean, before[id(m)][0]) and torch.equal(m.running_var, before[id(m)][1])
+        assert m.weight.requires_grad and m.weight.grad is not None and m.bias.grad is not None
+    # the layer is (x - running_mean) / sqrt(running_var + eps) * weight + bias, computed here by hand
+    x = torch.randn(2, bn.num_features, 3, 3)
+    ref = ((x - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+           * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
+    assert torch.allclose(bn(x), ref, atol=1e-5)
 
 
 def test_imagenet_weights_load_or_fail_clearly(monkeypatch, tmp_path):

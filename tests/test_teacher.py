@@ -131,8 +131,8 @@ def test_prompt_sets_and_expansion():
         class_prompts(["dog"], "domain")
     with pytest.raises(PromptError, match="known set"):
         class_prompts(["dog"], "nonsense")
-    assert describe_prompts(["dog"], {"dog": "It barks."}) == [["a photo of a dog. It barks."]]
-    assert describe_prompts(["dog", "cat"], ["A.", "B."])[1] == ["a photo of a cat. B."]
+    assert describe_prompts(["dog"], {"dog": "It barks."}) == [["a photo of dog . It barks."]]   # Li et al.'s code
+    assert describe_prompts(["dog", "cat"], ["A.", "B."])[1] == ["a photo of cat . B."]
 
 
 def test_prompts_from_a_dataset_spec():
@@ -142,7 +142,7 @@ def test_prompts_from_a_dataset_spec():
     rows = class_prompts(spec, "domain")
     assert len(rows) == 5 and rows[0] == [f"a {d} of a circle." for d in spec.domain_names]
     described = describe_prompts(spec, None)
-    assert described[0][0].startswith("a photo of a circle. a round shape")
+    assert described[0][0].startswith("a photo of circle . a round shape")
 
 
 def test_class_text_is_the_renormalised_mean_of_normalised_prompts(random_ckpt):
@@ -154,6 +154,18 @@ def test_class_text_is_the_renormalised_mean_of_normalised_prompts(random_ckpt):
         e = torch.stack([F.normalize(t.encode_text([p])[0], dim=-1) for p in row])
         expect.append(F.normalize(e.mean(0), dim=-1))
     assert got.shape == (2, 64) and torch.allclose(got, torch.stack(expect), atol=1e-5)
+
+
+def test_raw_ensemble_is_rises_mean_of_raw_embeddings_then_normalised(random_ckpt):
+    """RISE's code (train_rise.py) averages the raw template embeddings, then normalises."""
+    t = load_teacher(ARCH, checkpoint=random_ckpt)
+    rows = class_prompts(["circle", "star"], "rise")
+    got = t.class_text(rows, ensemble="raw")
+    with torch.no_grad():
+        expect = [F.normalize(torch.stack([t.model.encode_text(t.tokenizer([p]))[0] for p in row]).mean(0), dim=-1)
+                  for row in rows]
+    assert torch.allclose(got, torch.stack(expect), atol=1e-5)
+    assert not torch.allclose(got, t.class_text(rows), atol=1e-4)   # the two ensembles differ
 
 
 # ---- fitting ---------------------------------------------------------------------------------------------------------
@@ -240,7 +252,10 @@ def test_cache_is_reused_without_loading_the_teacher_and_keyed_by_what_matters(f
     tspec = {"arch": ARCH, "pretrained": None, "checkpoint": str(fitted_teacher["checkpoint"]), "preprocess": "clip"}
 
     first = teacher_outputs(tspec, images, sets, tmp_path, need_images=True, log_fn=None)
-    assert sorted(first.computed) == ["images", "text:classes", "text:single"] and first.reused == []
+    assert sorted(first.computed) == ["images", "logit_scale", "text:classes", "text:single"] and first.reused == []
+    # the teacher's own learned scale, read here from the checkpoint file itself
+    state = torch.load(fitted_teacher["checkpoint"], map_location="cpu", weights_only=True)
+    assert first.logit_scale == pytest.approx(float(state["logit_scale"].exp()), rel=1e-6)
     assert first.image_emb.dtype == torch.float16 and first.image_emb.shape == (len(images), 64)
     assert first.text["classes"].dtype == torch.float32 and first.text["classes"].shape == (5, 64)
     assert torch.allclose(first.image_emb.float().norm(dim=-1), torch.ones(len(images)), atol=2e-3)
@@ -258,12 +273,14 @@ def test_cache_is_reused_without_loading_the_teacher_and_keyed_by_what_matters(f
 
     monkeypatch.setattr(cache_mod, "load_teacher", no_teacher)
     second = teacher_outputs(tspec, images, sets, tmp_path, need_images=True, log_fn=None)
-    assert second.computed == [] and sorted(second.reused) == ["images", "text:classes", "text:single"]
+    assert second.computed == [] and sorted(second.reused) == ["images", "logit_scale", "text:classes",
+                                                                "text:single"]
+    assert second.logit_scale == first.logit_scale
     assert torch.equal(second.image_emb, first.image_emb) and torch.equal(second.text["classes"],
                                                                         first.text["classes"])
     renamed = teacher_outputs(tspec, images, {"other name": sets["single"]}, tmp_path, need_images=False,
                               log_fn=None)
-    assert renamed.reused == ["text:other name"] and renamed.image_emb is None
+    assert renamed.reused == ["logit_scale", "text:other name"] and renamed.image_emb is None
     monkeypatch.undo()
 
     def new_files(before):
@@ -273,7 +290,7 @@ def test_cache_is_reused_without_loading_the_teacher_and_keyed_by_what_matters(f
     before = files
     out = teacher_outputs(tspec, images, {"rise": class_prompts(spec, "rise")}, tmp_path, need_images=True,
                           log_fn=None)
-    assert out.computed == ["text:rise"] and out.reused == ["images"]
+    assert out.computed == ["text:rise"] and out.reused == ["logit_scale", "images"]
     assert [f[:12] for f in new_files(before)] == ["teacher-txt-"]
     # other preprocessing -> new image embeddings, text reused
     before = [p.name for p in (tmp_path / "cache").iterdir()]
@@ -284,4 +301,5 @@ def test_cache_is_reused_without_loading_the_teacher_and_keyed_by_what_matters(f
     # another teacher -> everything new
     out = teacher_outputs({**tspec, "checkpoint": str(random_ckpt)}, images, sets, tmp_path, need_images=True,
                           log_fn=None)
-    assert sorted(out.computed) == ["images", "text:classes", "text:single"] and out.teacher_id != first.teacher_id
+    assert sorted(out.computed) == ["images", "logit_scale", "text:classes", "text:single"]
+    assert out.teacher_id != first.teacher_id

@@ -1,5 +1,6 @@
 """One trial end to end: real Ray Train (local, 2 CPUs), real MLflow (sqlite in a temp dir), real torchvision and
 open_clip models at tiny sizes, on a small built-in world."""
+import json
 import os
 import subprocess
 import sys
@@ -61,8 +62,18 @@ def test_trial_writes_mlflow_run_with_per_domain_accuracies(ray_session, session
     assert run.data.params["git_sha"] and run.data.params["split_hash"] == run.data.tags["distill.split_hash"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "best_checkpoint"} <= artifacts
-    state = torch.load(client.download_artifacts(run.info.run_id, "model/model.pt"), weights_only=False)
+    state = torch.load(client.download_artifacts(run.info.run_id, "model/model.pt"), weights_only=True)
     assert state["step"] == 6 and any(k.startswith("student.") for k in state["model"])
+    # the exact prompts the trial embedded: {set: {class: [prompts]}}, over the source domains only
+    prompts = json.loads(Path(client.download_artifacts(run.info.run_id, "prompts.json")).read_text())
+    assert prompts["classes"]["circle"] == ["a photo of a circle.", "a cartoon of a circle.", "a painting of a circle."]
+    assert not any("sketch" in p for rows in prompts.values() for row in rows.values() for p in row)
+    # teacher_logit_scale: auto -> the fitted teacher's own learned scale, read here from its checkpoint file
+    teacher = torch.load(run.data.params["teacher.resolved_checkpoint"], weights_only=True)
+    scale = float(teacher["logit_scale"].exp())
+    assert run.data.params["method.teacher_logit_scale"] == "auto"
+    assert float(run.data.params["method.teacher_logit_scale.resolved"]) == pytest.approx(scale, rel=1e-6)
+    assert float(run.data.params["teacher.logit_scale"]) == pytest.approx(scale, rel=1e-6)
 
 
 def test_rerunning_a_finished_trial_resumes_it(ray_session, session_storage, mlflow_uri):
@@ -88,7 +99,7 @@ def test_black_box_method_never_loads_teacher_weights_in_workers(ray_session, se
         result = run_trial(cfg, assets=assets)
     finally:
         hidden.rename(ckpt)
-    assert result.metrics["step"] == 6
+    assert result.metrics["step"] == 12   # Align then Distill, train.steps each
 
 
 @pytest.mark.parametrize("method, terms", [
@@ -141,3 +152,34 @@ def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
     assert tracking.tracking_uri(tmp_path) == f"sqlite:///{Path('rel/m.db').resolve()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
     assert tracking.tracking_uri(tmp_path) == "http://head:5000"
+
+
+def _final_weights(result) -> dict:
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("over, kills", [
+    ({"method.name": "vl2v", "train.averaging": "swad", "method.align_steps": 6, "method.distill_steps": 6,
+      "train.eval_every": 2}, (5, 9)),                 # a kill mid-averaging in Align, then one in Distill
+    ({"method.name": "scmd", "train.averaging": "sma", "train.averaging_start": 2, "train.steps": 8,
+      "train.eval_every": 3}, (5,)),                   # a kill mid-averaging
+])
+def test_a_worker_killed_mid_averaging_or_mid_stage_resumes_to_the_same_model(ray_session, session_storage,
+                                                                              mlflow_uri, tmp_path, over, kills):
+    """The worker process dies (as a killed node's would); Ray Train restarts it from the last checkpoint, and the
+    trial ends with exactly the weights (and evaluations) of an uninterrupted run: the averager's state, the stage
+    hand-off and the data stream travel with the checkpoint."""
+    cfg = tiny(session_storage, **{"student.backbone": "small_cnn", "train.max_failures": 1, **over})
+    assets = prepare(cfg)
+    clean = run_trial(cfg, assets=assets, name=f"clean-{cfg['method']['name']}")
+    killed = None
+    for i, step in enumerate(kills):   # one kill per run, so that each resume starts where the kill was
+        faulty = {**assets, "inject_fault": {"step": step, "marker": str(tmp_path / f"killed-{i}")}}
+        killed = run_trial(cfg, assets=faulty, name=f"killed-{cfg['method']['name']}-{i}")
+        assert (tmp_path / f"killed-{i}").exists()   # the worker did die
+        a, b = _final_weights(clean), _final_weights(killed)
+        assert a["step"] == b["step"] and a["metrics"]["eval_model"] == b["metrics"]["eval_model"]
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+        assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]

@@ -419,3 +419,27 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, se
     assert sorted(steps) == [5, 10]  # not evaluated twice
     results = json.loads((sweep_dir / "results.json").read_text())
     assert results["counts"]["trials"] == 2
+
+
+def test_lodo_sweep_trains_each_trials_leave_one_domain_out_models_and_selects_on_them(ray_session, session_storage,
+                                                                                       tmp_path, monkeypatch):
+    """search.lodo: true: each trial also trains, for every source domain, a model with that domain held out too
+    (same hyperparameters and seed); `distill.report --selection lodo` then selects on their held-out accuracy."""
+    uri = f"sqlite:///{session_storage / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    data = tiny(session_storage, "lodo", search={"num_samples": 1, "max_concurrent": 1, "lodo": True})
+    data["train"].update({"steps": 4, "eval_every": 2})
+    data["student"]["backbone"] = "small_cnn"
+    results = tune.run_sweep(tune.make_plan(write(tmp_path, data)))
+    sweep_dir = session_storage / "lodo"
+    lodo = report.load_lodo_rows(sweep_dir)
+    assert sorted({r["lodo_domain"] for r in lodo}) == ["cartoon", "painting", "photo"]
+    assert sorted((r["lodo_domain"], r["step"]) for r in lodo) == [(d, s) for d in ("cartoon", "painting", "photo")
+                                                                  for s in (2, 4)]
+    main = report.load_rows(sweep_dir)
+    # the LODO choice, computed here: per step, the mean of the three held-out source accuracies
+    by_step = {s: sum(r["lodo_acc"] for r in lodo if r["step"] == s) / 3 for s in (2, 4)}
+    step = max(sorted(by_step), key=lambda s: by_step[s])
+    sel = results["selected"]["lodo"][0]
+    assert sel["step"] == step and sel["test_acc"] == next(r["test_acc"] for r in main if r["step"] == step)
+    assert "leave-one-domain-out" in (sweep_dir / "results.md").read_text().lower()

@@ -20,6 +20,8 @@ class Splits:
     test_in: torch.Tensor              # test domain in-split: the reported accuracy
     test_out: torch.Tensor             # test domain out-split: oracle selection only
     split_hash: str
+    lodo_domain: str | None = None     # a source domain also held out of training (DomainBed's LODO runs)
+    lodo_in: torch.Tensor | None = None   # its in-split: the LODO validation accuracy
 
     def counts(self) -> dict[str, int]:
         """Sizes of every part, e.g. {"train/photo": 320, "val/photo": 80, ..., "test_in": 400, "test_out": 100}."""
@@ -76,6 +78,24 @@ def make_splits(images: ImageSet, test_domain: str, holdout_fraction: float = 0.
     named = {**{f"train/{d}": train[d] for d in sources}, **{f"val/{d}": val[d] for d in sources},
              f"test_in/{test_domain}": test_in, f"test_out/{test_domain}": test_out}
     return Splits(sources, test_domain, train, val, test_in, test_out, _hash(named))
+
+
+def hold_out_source(splits: Splits, domain: str) -> Splits:
+    """DomainBed's leave-one-domain-out run: ``domain``, a source domain, is held out of training too (with the test
+    domain, as DomainBed's runs with test_envs [test, domain]); its in-split becomes ``lodo_in``, on which the LODO
+    selection measures the model."""
+    if domain not in splits.source_domains:
+        raise ValueError(f"lodo domain {domain!r} is not a source domain of this split ({splits.source_domains})")
+    if len(splits.source_domains) < 3:
+        raise ValueError("leave-one-domain-out selection needs at least 2 source domains left for training")
+    sources = [d for d in splits.source_domains if d != domain]
+    train = {d: splits.train[d] for d in sources}
+    val = {d: splits.val[d] for d in sources}
+    named = {**{f"train/{d}": train[d] for d in sources}, **{f"val/{d}": val[d] for d in sources},
+             f"test_in/{splits.test_domain}": splits.test_in, f"test_out/{splits.test_domain}": splits.test_out,
+             f"lodo_in/{domain}": splits.train[domain]}
+    return Splits(sources, splits.test_domain, train, val, splits.test_in, splits.test_out, _hash(named),
+                  lodo_domain=domain, lodo_in=splits.train[domain])
 
 
 def _stream_seed(seed: int, rank: int, domain: str, epoch: int) -> int:

@@ -13,19 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 
 CLIP_LOGIT_SCALE = 100.0
+from ..config import AUTO  # teacher_logit_scale: the teacher's own learned logit scale (resolved before __init__)
 
 
 @dataclass
 class MethodContext:
-    """What a method may know about its task (never the test domain's data)."""
+    """What a method may know about its task: never the test domain, not even its name."""
 
     class_names: list[str]                 # human-readable, in label order
-    domain_names: list[str]                # human-readable names of every domain of the dataset
     source_domains: list[str]              # human-readable names of the training domains, in batch order
-    total_steps: int
+    total_steps: int                       # optimiser steps of the whole trial (every stage)
     num_classes: int
     embed_dim: int                         # the teacher's embedding width
-    class_prompts: list[list[str]]         # prompts per class from the config's teacher.prompts templates
+    class_prompts: list[list[str]]         # prompts per class from teacher.prompts ({d}: the source domains only)
     style_domains: bool = True             # False for datasets whose domains are not styles (VLCS, Terra)
     descriptions: dict[str, str] | None = None   # class name -> attribute description (Li et al.)
     extra: dict = field(default_factory=dict)
@@ -50,6 +50,22 @@ class Method(nn.Module):
         """Text embeddings to precompute with the teacher: name -> one list of prompts (ensembled) per row."""
         return {"classes": ctx.class_prompts}
 
+    @classmethod
+    def hparam_problems(cls, hp: dict) -> list[str]:
+        """Problems with hyperparameter values (``"key: message"``), found before any trial starts."""
+        return []
+
+    @classmethod
+    def stages(cls, hp: dict, steps: int) -> list[tuple[str, int]]:
+        """The trial's training stages, (name, optimiser steps), run one after another, each with a fresh optimiser
+        and schedule; a stage after the first starts from the previous stage's best source-validation evaluation.
+        Only the last stage's evaluations are the trial's model. One stage of ``train.steps`` by default."""
+        return [("train", int(steps))]
+
+    def param_groups(self) -> list[dict]:
+        """The optimiser's parameter groups (a group may set its own ``lr``); every trainable parameter once."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def text(self, key: str) -> torch.Tensor:
         return getattr(self, f"text_{key}")
 
@@ -67,7 +83,10 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def teacher_logits(image_emb: torch.Tensor, class_text: torch.Tensor, scale: float = CLIP_LOGIT_SCALE):
     """CLIP zero-shot logits z_T = scale * cos(v_T, t_c)."""
-    return scale * cosine(image_emb, class_text)
+    if scale == AUTO:
+        raise ValueError("teacher_logit_scale 'auto' must be resolved to the teacher's logit scale before training "
+                         "(distill.trial.loop does it from the prepared assets)")
+    return float(scale) * cosine(image_emb, class_text)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

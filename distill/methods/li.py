@@ -15,7 +15,8 @@ With s = student.proj(f_S), v_T the teacher image embedding, t_c the class text 
 ``loss_type`` is a '+'-joined string of term names, e.g. "cls+vlalign+mse+imcst" (the paper's full method) or
 "cls+mse"; order and spaces do not matter; a list of names is also accepted. predict = cos(s, t_c) / tau.
 
-``descriptions: true`` replaces the class prompts by attribute-enriched ones, "a photo of a {c}. {description}",
+``descriptions: true`` replaces the class prompts by attribute-enriched ones, "a photo of {c} . {description}" (the
+wording of the official code, main_experiments.py),
 from ``ctx.descriptions`` (class name -> description, or a list of descriptions, ensembled); it is an error when the
 dataset has none. ``filter_misclassified: true`` (the official `--clip-filter-out-wrong-alignment`, used in all of
 the authors' scripts) drops the samples whose teacher zero-shot prediction argmax_c cos(v_T, t_c) is wrong from
@@ -28,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.prompts import DESCRIBED_TEMPLATE
 from .base import Method, MethodContext, full_precision
 
 TERMS = ("cls", "vlalign", "mse", "imcst")
-DESCRIBED_TEMPLATE = "a photo of a {c}. {description}"
 
 
 def parse_loss_type(value) -> tuple[str, ...]:
@@ -45,7 +46,8 @@ def parse_loss_type(value) -> tuple[str, ...]:
 
 
 def described_prompts(ctx: MethodContext) -> list[list[str]]:
-    """One prompt list per class, 'a photo of a {c}. {description}', from ctx.descriptions."""
+    """One prompt list per class, 'a photo of {c} . {description}' (the official code's wording), from
+    ctx.descriptions."""
     if not ctx.descriptions:
         raise ValueError("li: hparam descriptions is true but this dataset has no class descriptions "
                          "(ctx.descriptions is empty); set `method.descriptions: false`, or give the dataset "

@@ -12,8 +12,9 @@ ensemble, normalised), z_S the student's class logits and v_T the teacher's imag
     RD = 10 * MSE(softmax_j cos(s_i, a_{y_i,j}), softmax_j cos(t_{y_i}, a_{y_i,j}))    relative distance
     L  = w1 * KD + w2 * CE + w3 * (AD and/or RD, by `loss_type`: "abs", "rel" or "both")
 
-The anchors a_{c,j} are the teacher's text embeddings of "a {anchor_j} of a {c}" where the anchors are the source
-domains' names (e.g. "a sketch of a dog"), or, for datasets whose domains are not image styles (VLCS,
+t_c is the official code's ensemble of the 7 templates: the mean of the raw (unnormalised) text embeddings, then
+normalised. The anchors a_{c,j} are the teacher's text embeddings of "a {anchor_j} of a {c}" where the anchors are the
+source domains' names (never the held-out domain's) (e.g. "a sketch of a dog"), or, for datasets whose domains are not image styles (VLCS,
 TerraIncognita: ``ctx.style_domains`` False), "bright photo", "corrupted photo", "dark photo", "good photo". The
 softmax over anchors has no temperature and the MSE is the mean over the [B, J] entries, as in the official code.
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Method, MethodContext, full_precision, kd_loss, teacher_logits
-from ..models.prompts import TEMPLATES
+from ..models.prompts import TEMPLATES, PromptSet
 
 # The official code's 7-template ensemble: one list, shared with the prompt registry.
 RISE_TEMPLATES = TEMPLATES["rise"]
@@ -73,7 +74,8 @@ class RISE(Method):
         "loss_type": "both",      # abs | rel | both
         "text_classifier": True,  # zero-shot-style head on s initialised from t_c (official); false: student.classifier
         "templates": "rise",      # rise: the paper's 7-template ensemble; config: the config's teacher.prompts
-        "teacher_logit_scale": 100.0,  # z_T = scale * cos(v_T, t_c); 100 is CLIP's learned scale (the paper's)
+        "teacher_logit_scale": "auto",  # z_T = scale * cos(v_T, t_c); auto: the teacher's own logit_scale.exp() (100
+                                        # for OpenAI CLIP, RISE's hard-coded value); a number overrides
     }
     # The paper's grids: T = 3; (w1, w2) in {(.9,.1), (.8,.2)} PACS/VLCS, {(.2,.8), (.1,.9)} OfficeHome,
     # {(.2,.8), (.3,.7)} TerraIncognita (w2 = 1 - w1); w3 in {0.5, 1, 2}. One method-wide space: the union.
@@ -88,7 +90,9 @@ class RISE(Method):
         hp = _check_hp({**cls.hparams, **(hp or {})})
         sets = {"classes": ctx.class_prompts}
         if hp["templates"] == "rise":
-            sets["rise_classes"] = [[t.format(c=c) for t in RISE_TEMPLATES] for c in ctx.class_names]
+            # the official ensemble (train_rise.py): the mean of the raw template embeddings, then normalised
+            sets["rise_classes"] = PromptSet([[t.format(c=c) for t in RISE_TEMPLATES] for c in ctx.class_names],
+                                             ensemble="raw")
         if hp["loss_type"] in ("rel", "both"):
             # class-major rows: row c * J + j is "a {anchor_j} of a {class_c}"
             sets["rise_anchors"] = [[ANCHOR_TEMPLATE.format(anchor=a, c=c)] for c in ctx.class_names
@@ -129,7 +133,7 @@ class RISE(Method):
             s = out["embed"].float()
             t = self.class_text()
             w1, w2, w3 = self.weights()
-            z_t = teacher_logits(batch["image_emb"].float(), t, float(self.hp["teacher_logit_scale"]))
+            z_t = teacher_logits(batch["image_emb"].float(), t, self.hp["teacher_logit_scale"])
             kd = kd_loss(logits, z_t, self.hp["temperature"])
             ce = F.cross_entropy(logits, y)
             loss = w1 * kd + w2 * ce

@@ -13,11 +13,12 @@ Each step, on the concatenated all-domain batch of size B:
 2. On the kept samples (the student is run again on them, with gradients):
 
        L = CE(z_S, y) + l1 * T^2 * KL(p_T || p_S) + l2 * T^2 * KL(p_T || p_CM)
-       p_T  = softmax(z_T / T),   z_T = 100 * cos(v_T, t_c)
+       p_T  = softmax(z_T / T),   z_T = s_T * cos(v_T, t_c), s_T the teacher's own logit scale (auto)
        p_S  = softmax(z_S / T),   z_S = student.classifier(f_S)
        p_CM = softmax(scale * cos(W f_S, t_c) / T),   scale = exp(logit_scale) <= 100
 
-   W = Linear(F, D, bias=False) and logit_scale (init ln(1/0.07)) are the method's own trainable parameters. The
+   W = Linear(F, D, bias=False) and logit_scale (init ln(1/0.07)) are the method's own trainable parameters;
+   logit_scale has its own optimiser group at lr 1e-4, as in the official code. The
    official code clamps logit_scale to [0, ln 100] after every optimiser step; here it is clamped in place at the
    start of each forward (the same thing, applied just before the value is next used), so exp(logit_scale) <= 100.
 
@@ -37,6 +38,7 @@ from .base import CLIP_LOGIT_SCALE, Method, MethodContext, full_precision, kd_lo
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(CLIP_LOGIT_SCALE)
+LOGIT_SCALE_LR = 1e-4   # the official optimiser's own group for the cross-modal logit scale
 
 
 def selection_last_step(total_steps: int, k: float) -> int:
@@ -60,7 +62,8 @@ class SCMD(Method):
         "cm_weight": 0.5,         # l2: cross-modality distillation
         "k": 0.25,                # the last k of training uses the full batch
         "selection_ratio": 0.2,   # p: fraction of the batch kept (the hardest)
-        "teacher_logit_scale": 100.0,  # z_T = scale * cos(v_T, t_c); 100 is CLIP's learned scale (the paper's)
+        "teacher_logit_scale": "auto",  # z_T = scale * cos(v_T, t_c); auto: the teacher's own logit_scale.exp(), as
+                                        # the official code (100 for OpenAI CLIP); a number overrides
     }
     # The paper's search (its lr in {3e-5, 5e-5} is the loop's train.lr).
     search_space = {
@@ -83,6 +86,11 @@ class SCMD(Method):
         self.cm_proj = nn.Linear(student.feature_dim, self.text("classes").shape[1], bias=False)   # W
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
         self.last_selected: torch.Tensor | None = None   # indices kept at the last forward (for inspection)
+
+    def param_groups(self) -> list[dict]:
+        """The official optimiser: the logit scale in its own group at lr 1e-4 (algorithms.py), the rest at train.lr."""
+        rest = [p for n, p in self.named_parameters() if p.requires_grad and n != "logit_scale"]
+        return [{"params": rest}, {"params": [self.logit_scale], "lr": LOGIT_SCALE_LR}]
 
     def selecting(self, step: int) -> bool:
         return step <= selection_last_step(self.ctx.total_steps, self.hp["k"])
@@ -109,7 +117,7 @@ class SCMD(Method):
         out = self.student(x)
         with full_precision(y):
             logits = out["logits"].float()
-            z_t = teacher_logits(v.float(), self.text("classes"), float(self.hp["teacher_logit_scale"]))
+            z_t = teacher_logits(v.float(), self.text("classes"), self.hp["teacher_logit_scale"])
             T = float(self.hp["temperature"])
             ce = F.cross_entropy(logits, y)
             kd = kd_loss(logits, z_t, T)

@@ -8,18 +8,22 @@ sample's class:
 
     L = -lam * cos(P(f_S), v_T) - (1 - lam) * cos(P(f_S), t_y)
 
-- Align (steps [0, handoff)): only P is trained. The backbone is frozen by running the student in eval mode under
+Two stages, as the official code's two runs (run_stage1.sh, run_stage2.sh: stage 2 loads stage 1's best
+training-domain validation checkpoint, trainer.py): ``align_steps`` then ``distill_steps`` (each defaulting to
+``train.steps``), each with a fresh optimiser and schedule, inside one trial (``Method.stages``; the loop hands the
+best source-validation evaluation of Align to Distill, and only Distill's evaluations are the trial's model).
+
+- Align (global steps [0, align_steps)): only P is trained. The backbone is frozen by running the student in eval mode under
   ``torch.no_grad`` (no gradient reaches it, BatchNorm running statistics and dropout are frozen too), then P is
   applied, with gradients, to the detached features.
-- Distill (steps [handoff, total)): starts from the Align result; P is frozen and the backbone is trained. P is
+- Distill (global steps [align_steps, align_steps + distill_steps)): starts from Align's best evaluation; P is frozen and the backbone is trained. P is
   frozen by applying it with detached parameters (``torch.func.functional_call``) and in eval mode, so the loss
   reaches the backbone through P but P gets no gradient (``grad`` stays None: the optimiser neither moves it nor
   decays it, and its Adam moments are left as Align left them).
 - Predict: the frozen zero-shot head, logits = 100 * cos(P(f_S(x)), t_c).
 
-handoff = round(align_fraction * ctx.total_steps) (Python's round); the stage is a pure function of the step, so the
-hand-off happens exactly once, at that step, also across a resume from a checkpoint. ``student.classifier`` is never
-used. No teacher weights are needed: the method only reads the cached teacher image embeddings and the class text
+The stage is a pure function of the global step, so the hand-off happens exactly once, also across a resume from a
+checkpoint. ``student.classifier`` is never used. No teacher weights are needed: the method only reads the cached teacher image embeddings and the class text
 embeddings (black-box mode).
 """
 from __future__ import annotations
@@ -37,8 +41,9 @@ ALIGN, DISTILL = "align", "distill"
 class VL2V(Method):
     name = "vl2v"
     hparams = {
-        "lam": 0.5,              # weight of the image term (1 - lam on the text term)
-        "align_fraction": 0.5,   # fraction of train.steps spent in Align before the hand-off to Distill
+        "lam": 0.5,              # weight of the image term (1 - lam on the text term); the official scripts' 0.5
+        "align_steps": None,     # Align's optimiser steps (None: train.steps)
+        "distill_steps": None,   # Distill's optimiser steps (None: train.steps)
     }
     # The paper's search: lam in {0.1, ..., 0.9}; lr in {5e-6 .. 1e-3} and wd 10^U(-6,-2) are the loop's.
     search_space = {
@@ -50,14 +55,34 @@ class VL2V(Method):
         super().__init__(student, hp, ctx, text)
         if not 0.0 <= float(self.hp["lam"]) <= 1.0:
             raise ValueError(f"vl2v: lam must be in [0, 1], got {self.hp['lam']!r}")
-        if not 0.0 <= float(self.hp["align_fraction"]) <= 1.0:
-            raise ValueError(f"vl2v: align_fraction must be in [0, 1], got {self.hp['align_fraction']!r}")
+        problems = self.hparam_problems(self.hp)
+        if problems:
+            raise ValueError(f"vl2v: {'; '.join(problems)}")
         self.handoffs = 0            # Align -> Distill transitions seen by forward (for inspection)
         self._last_stage: str | None = None
 
+    @classmethod
+    def hparam_problems(cls, hp: dict) -> list[str]:
+        out = []
+        for key in ("align_steps", "distill_steps"):
+            v = hp.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                out.append(f"{key}: expected an integer >= 1 or null (train.steps), got {v!r}")
+        return out
+
+    @classmethod
+    def stages(cls, hp: dict, steps: int) -> list[tuple[str, int]]:
+        hp = {**cls.hparams, **(hp or {})}
+        return [(ALIGN, int(hp["align_steps"] or steps)), (DISTILL, int(hp["distill_steps"] or steps))]
+
     @property
     def handoff_step(self) -> int:
-        return int(round(float(self.hp["align_fraction"]) * self.ctx.total_steps))
+        """The first global step of Distill (ctx.total_steps = Align's + Distill's steps; None means train.steps)."""
+        if self.hp["align_steps"] is not None:
+            return int(self.hp["align_steps"])
+        if self.hp["distill_steps"] is not None:
+            return self.ctx.total_steps - int(self.hp["distill_steps"])
+        return self.ctx.total_steps // 2
 
     def stage(self, step: int) -> str:
         return ALIGN if step < self.handoff_step else DISTILL

@@ -1,10 +1,48 @@
 """Prompt templates as data, and their expansion into one list of prompts per class (ensembled by the teacher).
 
-A template holds ``{c}`` (class name) and optionally ``{d}`` (domain name: expanded over the dataset's domains).
+A template holds ``{c}`` (class name) and optionally ``{d}`` (a domain name: expanded over the domain names given;
+in a trial those are the SOURCE domains only: the held-out domain is unknown to training, its name included).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
+
+ENSEMBLES = ("normalized", "raw")
+# Li et al.'s described prompt, as their code writes it (main_experiments.py: f"a photo of {c} . {description}")
+DESCRIBED_TEMPLATE = "a photo of {c} . {description}"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Rows of prompts (one row per class, or per anchor) and how a row's prompts are ensembled into one embedding:
+    ``normalized`` (CLIP's usual: the mean of the L2-normalised prompt embeddings, renormalised) or ``raw`` (RISE's
+    code: the mean of the raw embeddings, then normalised)."""
+
+    rows: tuple
+    ensemble: str = "normalized"
+
+    def __post_init__(self):
+        if self.ensemble not in ENSEMBLES:
+            raise PromptError(f"prompt ensemble {self.ensemble!r} is not one of {ENSEMBLES}")
+        object.__setattr__(self, "rows", tuple(tuple(r) for r in self.rows))
+
+    def lists(self) -> list[list[str]]:
+        return [list(r) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return list(self.rows[i]) if isinstance(i, int) else [list(r) for r in self.rows[i]]
+
+    def __iter__(self):
+        return iter(self.lists())
+
+
+def as_prompt_set(value) -> PromptSet:
+    """A PromptSet, or rows (a list of lists of prompts) meaning the normalized ensemble."""
+    return value if isinstance(value, PromptSet) else PromptSet(value)
 
 TEMPLATES: dict[str, list[str]] = {
     "single": ["a photo of a {c}."],
@@ -103,7 +141,7 @@ def class_prompts(class_names, templates: str | Sequence[str] = "single",
 
 def describe_prompts(class_names, descriptions: Mapping[str, str] | Sequence[str],
                      keys: Sequence[str] | None = None) -> list[list[str]]:
-    """Li et al.'s described prompts: ``"a photo of a {c}. {description}"``, one single-prompt row per class.
+    """Li et al.'s described prompts: ``"a photo of {c} . {description}"``, one single-prompt row per class.
 
     ``descriptions`` is a list aligned with the classes, or a mapping looked up by ``keys`` (default: the class
     names; pass the class folder names for ``DatasetSpec.descriptions``). A ``DatasetSpec`` may be passed as
@@ -125,4 +163,4 @@ def describe_prompts(class_names, descriptions: Mapping[str, str] | Sequence[str
         texts = list(descriptions)
         if len(texts) != len(class_names):
             raise PromptError(f"{len(texts)} descriptions for {len(class_names)} classes")
-    return [[f"a photo of a {c}. {d}".strip()] for c, d in zip(class_names, texts)]
+    return [[DESCRIBED_TEMPLATE.format(c=c, description=d).strip()] for c, d in zip(class_names, texts)]

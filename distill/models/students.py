@@ -81,28 +81,21 @@ def _weights(backbone: str, pretrained: str):
     return enum.DEFAULT  # IMAGENET1K_V2 for ResNet-50, as SCMD used
 
 
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm with fixed statistics and affine parameters (DomainBed's `freeze_bn`)."""
+class FrozenBatchNorm2d(nn.BatchNorm2d):
+    """DomainBed's frozen BatchNorm (networks.py, ResNet.freeze_bn; SCMD's too): the layer always runs in eval mode,
+    so its running statistics stay those it was built with, while its affine weight and bias keep training."""
 
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        c = bn.num_features
-        self.register_buffer("weight", bn.weight.detach().clone() if bn.weight is not None else torch.ones(c))
-        self.register_buffer("bias", bn.bias.detach().clone() if bn.bias is not None else torch.zeros(c))
-        self.register_buffer("running_mean", bn.running_mean.clone())
-        self.register_buffer("running_var", bn.running_var.clone())
-        self.eps = bn.eps
-
-    def forward(self, x):
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+    def train(self, mode: bool = True):
+        return super().train(False)
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, FrozenBatchNorm2d(child))
+        if type(child) is nn.BatchNorm2d:
+            frozen = FrozenBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats)
+            frozen.load_state_dict(child.state_dict())
+            setattr(module, name, frozen.eval())
         else:
             freeze_batchnorm(child)
     return module

@@ -210,37 +210,55 @@ class Teacher:
         return (x - mean) / std
 
     @torch.no_grad()
-    def encode_images(self, x01: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """L2-normalised image embeddings [N, D] (float32) of float images in [0, 1]."""
+    def encode_images(self, x01: torch.Tensor, batch_size: int = 256, amp_dtype: torch.dtype | None = None
+                      ) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] (float32) of float images in [0, 1], any size: the teacher's own
+        preprocessing (resize, centre crop, its mean/std) is applied first. ``amp_dtype`` (e.g. torch.bfloat16) runs
+        the image tower under autocast."""
         out = []
         for i in range(0, x01.shape[0], batch_size):
             x = self.prepare(x01[i:i + batch_size])
-            out.append(F.normalize(self.model.encode_image(x).float(), dim=-1))
+            with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                emb = self.model.encode_image(x)
+            out.append(F.normalize(emb.float(), dim=-1))
         return torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
 
     @torch.no_grad()
-    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """L2-normalised text embeddings [len(texts), D] (float32)."""
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings [len(texts), D] (float32), L2-normalised unless ``normalize`` is false."""
         if isinstance(texts, str):
             texts = [texts]
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
-            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+            emb = self.model.encode_text(tokens).float()
+            out.append(F.normalize(emb, dim=-1) if normalize else emb)
         return torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
 
     @torch.no_grad()
-    def class_text(self, rows: Sequence[Sequence[str]]) -> torch.Tensor:
-        """Prompt ensemble [R, D]: per row, the mean of its prompts' normalised embeddings, renormalised."""
+    def class_text(self, rows: Sequence[Sequence[str]], ensemble: str = "normalized") -> torch.Tensor:
+        """Prompt ensemble [R, D], normalised: per row, the mean of its prompts' normalised embeddings (``normalized``,
+        CLIP's usual) or of their raw embeddings (``raw``, as RISE's code does), then renormalised."""
+        if ensemble not in ("normalized", "raw"):
+            raise ValueError(f"class_text: ensemble must be 'normalized' or 'raw', got {ensemble!r}")
         flat = [p for row in rows for p in row]
         if any(len(row) == 0 for row in rows):
             raise ValueError("class_text: every row needs at least one prompt")
-        emb = self.encode_text(flat)
+        emb = self.encode_text(flat, normalize=ensemble == "normalized")
         out, i = [], 0
         for row in rows:
             out.append(emb[i:i + len(row)].mean(0))
             i += len(row)
         return F.normalize(torch.stack(out), dim=-1) if out else emb
+
+    @property
+    def logit_scale(self) -> float:
+        """The model's own learned logit scale, exp(logit_scale) (100 for OpenAI's CLIP weights); 100 (CLIP's) for a
+        model without one."""
+        value = getattr(self.model, "logit_scale", None)
+        if value is None:
+            return ZERO_SHOT_SCALE
+        return float(torch.as_tensor(value).detach().float().exp().item())
 
     @torch.no_grad()
     def zero_shot_logits(self, x01: torch.Tensor, class_text: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,376 @@
+"""The per-worker training loop of a trial (run by Ray Train's TorchTrainer on every worker).
+
+A trial is one or more stages (``Method.stages``: one stage of ``train.steps`` for most methods, Align then Distill
+for VL2V), each with a fresh optimiser and schedule; a stage after the first starts from the previous stage's best
+source-validation evaluation. Every ``train.eval_every`` steps of a stage (and at its end) the workers evaluate
+the source domains' validation splits and the test domain, report through Ray Train with a checkpoint, and log to
+MLflow. With ``train.averaging`` the evaluated (and reported, checkpointed, selected) model is the weight average:
+SMA at every evaluation; SWAD's loss-valley average at the stage's end (intermediate SWAD rows evaluate the raw
+model, as SWAD's trainer does, and are marked ``selectable: false``).
+
+Nothing is read back from the device at every step: loss terms are summed on the device and read every
+``min(50, eval_every)`` steps; a non-finite loss is recorded on the device with its step and raised at that read.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import tracking
+from .averaging import make_averager
+from .feed import Feeder, teacher_view
+from .prepare import load_task, method_context, method_hparams, teacher_outputs
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_VERSION = 2
+SELECTION_METRIC = "val_acc"   # mean source-domain validation accuracy: the only metric selection may use
+BEST_METRIC = "val_acc_best"   # best selectable val_acc so far in the trial: what Optuna and ASHA see
+SCORE_METRIC = "checkpoint_score"   # val_acc of a selectable evaluation, -1 otherwise: which checkpoints Train keeps
+
+
+def make_optimizer(groups: list[dict], tc: dict):
+    if tc["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"])
+    cls = torch.optim.AdamW if tc["optimizer"] == "adamw" else torch.optim.Adam
+    return cls(groups, lr=tc["lr"], weight_decay=tc["weight_decay"])
+
+
+def make_schedule(optimizer, tc: dict, steps: int):
+    if tc["lr_schedule"] == "cosine":
+        fn = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
+    elif tc["lr_schedule"] == "step":
+        fn = lambda s: 0.1 if s >= int(0.8 * steps) else 1.0  # noqa: E731
+    else:
+        fn = lambda s: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def amp_dtype(device, mode: str):
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, index_sets: dict, size: int, device, rank: int = 0, world: int = 1,
+             amp=None, batch_size: int = 512) -> dict[str, tuple[float, float]]:
+    """(accuracy, mean cross-entropy) of ``model.predict`` on each named index set (centre views), split across
+    ranks and all-reduced."""
+    from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, center, normalize
+
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(len(index_sets), 3, dtype=torch.float64, device=device)   # correct, loss sum, count
+    for row, idx in enumerate(index_sets.values()):
+        for chunk in idx[rank::world].split(batch_size):
+            chunk = chunk.to(device)
+            x = normalize(center(images[chunk], size), IMAGENET_MEAN, IMAGENET_STD)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = model.predict(x).float()
+            y = labels[chunk]
+            sums[row, 0] += (logits.argmax(1) == y).sum()
+            sums[row, 1] += F.cross_entropy(logits, y, reduction="sum")
+            sums[row, 2] += len(chunk)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums)
+    model.train(was_training)
+    sums = sums.cpu()
+    return {name: ((sums[i, 0] / sums[i, 2]).item(), (sums[i, 1] / sums[i, 2]).item()) if sums[i, 2] else
+            (float("nan"), float("nan")) for i, name in enumerate(index_sets)}
+
+
+def _average_bn_across_ranks(model, world: int) -> None:
+    """After SWAD's per-rank BatchNorm recomputation: every rank gets the mean statistics."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            for buf in (m.running_mean, m.running_var):
+                dist.all_reduce(buf)
+                buf /= world
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's per-worker function. ``config``: {"cfg": trial config, "assets": prepare(), "mlflow": {...}}."""
+    Trainer(config).run()
+
+
+class Trainer:
+    """One worker's trial: the model, its stages, evaluations, checkpoints and reports."""
+
+    def __init__(self, config: dict):
+        import ray.train
+        import ray.train.torch
+
+        from ..methods import get_method
+        from ..models.students import build_student
+
+        self.cfg, self.assets, self.ml = config["cfg"], config["assets"], config.get("mlflow") or {}
+        cfg, tc = self.cfg, self.cfg["train"]
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.amp = amp_dtype(self.device, tc["amp"])
+        torch.manual_seed(cfg["seed"])
+
+        spec, self.images, self.splits = load_task(cfg)
+        if self.splits.split_hash != self.assets["split_hash"]:
+            raise RuntimeError("the data this worker sees differs from the driver's (split hash mismatch): "
+                               "is the storage directory shared by every node?")
+        ctx = method_context(cfg, spec, self.splits, self.assets["embed_dim"])
+        outputs = teacher_outputs(cfg, self.images, ctx, self.assets["teacher"], teacher_id=self.assets["teacher_id"])
+        method_cls = get_method(cfg["method"]["name"])
+        hp = method_hparams(cfg, self.assets.get("teacher_logit_scale"))
+        student = build_student(cfg["student"]["backbone"], cfg["student"]["pretrained"], cfg["student"]["freeze_bn"],
+                                embed_dim=self.assets["embed_dim"], num_classes=len(spec.classes))
+        self.method = method_cls(student, hp, ctx, outputs.text).to(self.device)
+        teacher = None
+        if teacher_view(cfg, method_cls.needs_image_embeddings) == "online":
+            from ..models.teachers import load_teacher_spec
+
+            teacher = load_teacher_spec(self.assets["teacher"], device=str(self.device))
+        self.feed = Feeder(cfg, self.images, self.splits, outputs, method_cls.needs_image_embeddings, self.device,
+                           self.rank, teacher, self.amp)
+        self.model = self.method
+        if self.world > 1:
+            self.model = ray.train.torch.prepare_model(self.method,
+                                                       parallel_strategy_kwargs={"find_unused_parameters": True})
+        self.stages = method_cls.stages(hp, tc["steps"])
+        self.total = sum(n for _, n in self.stages)
+        self.eval_sets = {**{f"val/{d}": self.splits.val[d] for d in self.splits.source_domains},
+                          "test_in": self.splits.test_in, "test_out": self.splits.test_out}
+        if getattr(self.splits, "lodo_in", None) is not None:
+            self.eval_sets["lodo_in"] = self.splits.lodo_in
+        self.images_dev = self.images.images.to(self.device)
+        self.labels_dev = self.images.labels.to(self.device)
+        self.history: list[dict] = []
+        self.best = {"selectable": None, "any": None}
+        self.logged_until = -1   # MLflow steps already logged by an earlier attempt of this trial
+
+    # ------------------------------------------------------------------------------------------- stage machinery
+    def _new_stage(self, k: int):
+        tc = self.cfg["train"]
+        self.optimizer = make_optimizer(self.method.param_groups(), tc)
+        self.scheduler = make_schedule(self.optimizer, tc, self.stages[k][1])
+        sw = tc["swad"]
+        self.averager = make_averager(tc["averaging"], self.method, start=tc["averaging_start"],
+                                      n_converge=sw["n_converge"], n_tolerance=sw["n_tolerance"],
+                                      tolerance_ratio=sw["tolerance_ratio"])
+        self.handoff = None   # {"state", "val_acc", "step"}: the best evaluation of a non-last stage
+
+    def run(self) -> None:
+        import ray.train
+
+        stage, start, state = 0, 0, None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=self.device, weights_only=True)
+            if state.get("version") != CHECKPOINT_VERSION:
+                raise RuntimeError("this trial's checkpoint was written by an older distill; start it fresh "
+                                   "(python -m distill.train ... --fresh)")
+            self.history, self.best = list(state["history"]), dict(state["best"])
+            self.logged_until = int(state["step"])
+            if state.get("done"):   # a finished trial run again: report its last evaluation again, train nothing
+                self._report_again(state)
+                return
+            stage, start = int(state["stage"]), int(state["stage_step"])
+            self.method.load_state_dict(state.get("train_model") or state["model"])
+            self.feed.load_state_dict(state["feed"])
+            if self.rank == 0:
+                print(f"[distill] resumed from the checkpoint at step {state['step']}", flush=True)
+        for k in range(stage, len(self.stages)):
+            self._new_stage(k)
+            if state is not None and k == stage:
+                if start >= self.stages[k][1] or state.get("stage_stopped"):   # killed at a stage boundary
+                    self.handoff = state.get("handoff")
+                    self._hand_off(k)
+                    continue
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+                if self.averager is not None:
+                    self.averager.load_state_dict(state["averager"])
+                self.handoff = state.get("handoff")
+                self._stage(k, start)
+            else:
+                self._stage(k, 0)
+            if k < len(self.stages) - 1:
+                self._hand_off(k)
+
+    def _hand_off(self, k: int) -> None:
+        """The next stage starts from this stage's best source-validation evaluation."""
+        if self.handoff is not None:
+            self.method.load_state_dict(self.handoff["state"])
+            if self.rank == 0:
+                print(f"[distill] stage {self.stages[k][0]} -> {self.stages[k + 1][0]}: from the evaluation at step "
+                      f"{self.handoff['step']} (val_acc {self.handoff['val_acc']:.3f})", flush=True)
+
+    def _stage(self, k: int, start: int) -> None:
+        name, steps = self.stages[k]
+        tc = self.cfg["train"]
+        offset = sum(n for _, n in self.stages[:k])
+        evals = set(range(tc["eval_every"], steps + 1, tc["eval_every"])) | {steps}
+        log_every = max(1, min(50, tc["eval_every"]))
+        sums: dict[str, torch.Tensor] = {}
+        n_sum, t0, t_last = 0, time.time(), time.time()
+        bad = torch.full((), -1, dtype=torch.long, device=self.device)   # first step with a non-finite loss
+        bad_terms: torch.Tensor | None = None
+        for s in range(start, steps):
+            step = offset + s
+            batch = self.feed.batch(step)
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                loss, terms = self.model(batch, step)
+            values = torch.stack([loss.detach().float(), *(v.detach().float().reshape(()) for v in terms.values())])
+            first = (bad < 0) & ~torch.isfinite(values[0])
+            bad = torch.where(first, step, bad)
+            bad_terms = values if bad_terms is None else torch.where(first, values, bad_terms)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(self.method.parameters(), tc["grad_clip"])
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.averager is not None:
+                self.averager.update(self.method, s)
+            self._maybe_die(step + 1)
+            for key, v in zip(["loss", *(f"loss/{t}" for t in terms)], values):
+                sums[key] = sums[key] + v if key in sums else v.clone()
+            n_sum += 1
+            done = s + 1
+            if done % log_every == 0 or done in evals:
+                if int(bad) >= 0:
+                    names = ["loss", *terms]
+                    detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, bad_terms.tolist()))
+                    raise FloatingPointError(f"non-finite loss at step {int(bad)} ({detail}); lower train.lr or "
+                                             f"check the method's hyperparameters")
+                means = {key: (v / n_sum).item() for key, v in sums.items()}
+                if done in evals:
+                    stop = self._evaluate(k, done, means, n_sum / max(time.time() - t_last, 1e-9),
+                                          time.time() - t0)
+                    sums, n_sum, t_last = {}, 0, time.time()
+                    if stop:
+                        return
+                elif step + 1 > self.logged_until:
+                    self._log(means | {"lr": self.scheduler.get_last_lr()[0]}, step + 1, name)
+
+    def _maybe_die(self, step: int) -> None:
+        """Fault injection for the fault-tolerance tests (``assets["inject_fault"] = {"step", "marker"}``): the
+        worker process dies at that step once, as a killed node's would; Ray Train restarts it from the last
+        checkpoint."""
+        fault = self.assets.get("inject_fault")
+        if fault and step == fault["step"] and self.rank == fault.get("rank", 0):
+            marker = Path(fault["marker"])
+            if not marker.exists():
+                marker.write_text(str(step))
+                os._exit(1)
+
+    # ------------------------------------------------------------------------------------------- evaluations
+    def _scores(self, model) -> tuple[dict, float, float]:
+        res = evaluate(model, self.images_dev, self.labels_dev, self.eval_sets, self.cfg["dataset"]["image_size"],
+                       self.device, self.rank, self.world, self.amp)
+        val = {d: res[f"val/{d}"] for d in self.splits.source_domains}
+        val_acc = sum(a for a, _ in val.values()) / len(val)
+        val_loss = sum(loss for _, loss in val.values()) / len(val)
+        return res, val_acc, val_loss
+
+    def _evaluate(self, k: int, done: int, train_terms: dict, steps_per_s: float, elapsed: float) -> bool:
+        """Evaluate, report, checkpoint. Returns True when the stage stops here (its last step, or SWAD's dead
+        valley)."""
+        name, steps = self.stages[k]
+        last_stage = k == len(self.stages) - 1
+        step = sum(n for _, n in self.stages[:k]) + done
+        avg = self.averager
+        evaluated = (avg.eval_model() if avg is not None else None) or self.method
+        res, val_acc, val_loss = self._scores(evaluated)
+        if avg is not None:
+            avg.observe(done - 1, val_acc, val_loss, self.method)
+        stage_ends = done >= steps or (avg is not None and avg.stop)
+        if not last_stage and (self.handoff is None or val_acc > self.handoff["val_acc"]):
+            self.handoff = {"state": {n: v.detach().cpu().clone() for n, v in evaluated.state_dict().items()},
+                            "val_acc": val_acc, "step": step}
+        eval_model, raw_val = ("raw" if avg is None or avg.kind == "swad" else avg.kind), None
+        if stage_ends and avg is not None and avg.kind == "swad":
+            freeze = self.cfg["student"]["freeze_bn"]
+            bn_steps = self.cfg["train"]["swad"]["bn_steps"]
+            evaluated = avg.final_model(bn_batches=None if freeze or not bn_steps else self.feed.bn_batches,
+                                        bn_steps=bn_steps)
+            _average_bn_across_ranks(evaluated, self.world)
+            raw_val = val_acc
+            res, val_acc, val_loss = self._scores(evaluated)
+            eval_model = "swad"
+        selectable = last_stage and eval_model != "raw" if self.cfg["train"]["averaging"] == "swad" else last_stage
+        for key, value in (("selectable", val_acc if selectable else None), ("any", val_acc)):
+            if value is not None and (self.best[key] is None or value > self.best[key]):
+                self.best[key] = value
+        metrics = {
+            "step": step, SELECTION_METRIC: val_acc,
+            BEST_METRIC: self.best["selectable"] if self.best["selectable"] is not None else self.best["any"],
+            **{f"val_acc/{d}": res[f"val/{d}"][0] for d in self.splits.source_domains}, "val_loss": val_loss,
+            "test_acc": res["test_in"][0], "test_out_acc": res["test_out"][0], **train_terms,
+            "steps_per_s": steps_per_s, "stage": name, "eval_model": eval_model, "selectable": selectable,
+            "final": bool(last_stage and stage_ends), "total_steps": self.total,
+            SCORE_METRIC: val_acc if selectable else -1.0,
+        }
+        if "lodo_in" in res:
+            metrics["lodo_acc"] = res["lodo_in"][0]
+        if raw_val is not None:
+            metrics["raw_val_acc"] = raw_val
+        if avg is not None:
+            metrics.update({f"averaging/{key}": v for key, v in avg.summary().items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        self.history.append(metrics)
+        if step > self.logged_until:
+            self._log({key: v for key, v in metrics.items() if key != "step"}, step, name)
+        state = None
+        if self.rank == 0:
+            stage_text = f" [{name}]" if len(self.stages) > 1 else ""
+            print(f"[distill] step {step}/{self.total}{stage_text}: loss {train_terms.get('loss', float('nan')):.4f}  "
+                  f"val_acc {val_acc:.3f}  test_acc {metrics['test_acc']:.3f}  [{eval_model}]  "
+                  f"({steps_per_s:.2f} steps/s, {elapsed:.0f}s)", flush=True)
+            train_state = self.method.state_dict()
+            state = {"version": CHECKPOINT_VERSION, "model": evaluated.state_dict(), "stage": k, "stage_step": done,
+                     "stage_stopped": bool(stage_ends and done < steps), "step": step,
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "averager": avg.state_dict() if avg is not None else None, "handoff": self.handoff,
+                     "feed": self.feed.state_dict(), "metrics": metrics, "history": self.history,
+                     "best": self.best, "done": metrics["final"]}
+            if evaluated is not self.method:
+                state["train_model"] = train_state
+        self._report(metrics, state)
+        return stage_ends
+
+    def _report(self, metrics: dict, state: dict | None) -> None:
+        import ray.train
+
+        if state is None:   # ranks > 0 report the same number of times, without a checkpoint
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def _report_again(self, state: dict) -> None:
+        """A finished trial run again (the same run name): its last evaluation, as it was, with its checkpoint."""
+        if self.rank == 0:
+            print(f"[distill] trial already finished at step {state['step']}: reporting its last evaluation again",
+                  flush=True)
+        self._report(dict(state["metrics"]), state if self.rank == 0 else None)
+
+    def _log(self, metrics: dict, step: int, stage: str) -> None:
+        """MLflow (rank 0): metrics of a first stage carry its name as a prefix (`align/val_acc`); the last stage's
+        are the trial's own."""
+        if self.rank != 0 or not self.ml.get("run_id"):
+            return
+        prefix = f"{stage}/" if len(self.stages) > 1 and stage != self.stages[-1][0] else ""
+        tracking.log_metrics(self.ml["uri"], self.ml["run_id"], {f"{prefix}{k}": v for k, v in metrics.items()
+                                                                  if k != SCORE_METRIC}, step)
