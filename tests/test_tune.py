@@ -207,7 +207,8 @@ def test_the_space_pickles_and_resamples_identically(tmp_path):
     plan = tune.make_plan(DEMO, storage=str(tmp_path))
     clone = pickle.loads(pickle.dumps(plan.space))
     assert sample(clone, 15, seed=3) == sample(plan.space, 15, seed=3)
-    assert pickle.loads(pickle.dumps(tune.SweepTrial(plan.raw, "demo", "photo", 0, None, "/x", "sqlite:////x")))
+    assert pickle.loads(pickle.dumps(tune.SweepTrial(plan.raw, "demo", {"photo-s0": ("photo", 0)}, None, "/x",
+                                                     "sqlite:////x")))
 
 
 def test_trial_config_takes_each_methods_own_defaults(tmp_path):
@@ -443,3 +444,29 @@ def test_lodo_sweep_trains_each_trials_leave_one_domain_out_models_and_selects_o
     sel = results["selected"]["lodo"][0]
     assert sel["step"] == step and sel["test_acc"] == next(r["test_acc"] for r in main if r["step"] == step)
     assert "leave-one-domain-out" in (sweep_dir / "results.md").read_text().lower()
+
+
+def test_one_experiment_routes_each_new_trial_to_the_least_advanced_search(tmp_path):
+    """All searches share the cluster: each suggestion goes to the search with the fewest trials so far (its own
+    Optuna study), every search gets exactly num_samples trials, then the searcher is finished."""
+    from ray.tune.search import Searcher
+
+    from distill.tune.searcher import SEARCH_KEY, SweepSearcher, without_search
+
+    data = tiny(tmp_path, "route", test_domains=["photo", "sketch", "cartoon"], search={
+        "num_samples": 2, "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}})
+    plan = tune.make_plan(write(tmp_path, data))
+    names = [tune.search_name(d, s) for d, s in plan.searches()]
+    searcher = SweepSearcher(names, plan.space, 2, 0, "route")
+    got = [searcher.suggest(f"t{i}") for i in range(6)]
+    assert [g[SEARCH_KEY] for g in got] == names + names           # round robin over the least advanced
+    assert searcher.suggest("t6") == Searcher.FINISHED
+    assert all(set(without_search(g)) == {"train.lr"} for g in got)
+    searcher.on_trial_complete("t0", {tune.METRIC: 0.5})              # told to its own study only
+    assert len(searcher.study(names[0]).get_trials()) == 2 and \
+        [t.state.name for t in searcher.study(names[0]).get_trials()] == ["COMPLETE", "RUNNING"]
+    assert [t.state.name for t in searcher.study(names[1]).get_trials()] == ["RUNNING", "RUNNING"]
+    # the same sampler seed in every search: each search's first draw is the one a lone study would make
+    assert got[0]["train.lr"] == got[1]["train.lr"] == got[2]["train.lr"]
+    restored = pickle.loads(pickle.dumps(searcher))
+    assert restored.count == searcher.count and restored.owner == searcher.owner

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    t = {"start": time.time()}
     if "test_domain" not in cfg:
         cfg = trial_config(cfg)
     name = name or run_name(cfg)
@@ -57,6 +59,7 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
     if fresh:
         shutil.rmtree(Path(train_storage) / name, ignore_errors=True)
     assets = assets or prepare(cfg)
+    t["prepared"] = time.time()
     uri = tracking.tracking_uri(cfg["storage"])
     params = trial_params(cfg, assets)
     tags = {"distill.method": cfg["method"]["name"], "distill.test_domain": cfg["test_domain"],
@@ -71,6 +74,7 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
         tracking.set_tags(uri, run_id, {"distill.skipped_images": len(assets["skipped_images"])})
         print(f"[distill] skipped {len(assets['skipped_images'])} unreadable image(s), e.g. "
               f"{assets['skipped_images'][:3]}", flush=True)
+    t["tracked"] = time.time()
     res = cfg["resources"]
     use_gpu = res["gpus_per_worker"] > 0
     per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
@@ -90,6 +94,7 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
                                                          checkpoint_score_attribute=SCORE_METRIC,
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg["train"]["max_failures"])))
+    t["fit"] = time.time()
     try:
         result = trainer.fit()
     except Exception as exc:
@@ -97,12 +102,48 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
         tracking.set_tags(uri, run_id, {tracking.STATUS_TAG: "failed", "distill.failure": reason[:4000]})
         tracking.end_run(uri, run_id, "FAILED")
         raise
+    t["fitted"] = time.time()
     _log_models(uri, run_id, result)
     tracking.set_tags(uri, run_id, {tracking.STATUS_TAG: "finished",
                                     "distill.train_run": str(Path(train_storage) / name)})
     tracking.end_run(uri, run_id, "FINISHED")
+    t["done"] = time.time()
+    result.phases = phase_breakdown(t, result.metrics or {})  # type: ignore[attr-defined]
+    print(f"[distill] {name}: {format_phases(result.phases)}", flush=True)
+    tracking.log_metrics(uri, run_id, {f"phase/{k}": v for k, v in result.phases.items()}, 0)
     result.mlflow_run_id = run_id  # type: ignore[attr-defined]
     return result
+
+
+# the phases of a trial, in order: (name, start point, end point); points of the driver ("start", "prepared",
+# "tracked", "fit", "fitted", "done") and of the worker (metrics "time/*": wall-clock, the same machine's or NTP's)
+PHASES = [("prepare", "start", "prepared"), ("mlflow_run", "prepared", "tracked"),
+          ("workers_start", "fit", "worker_entered"), ("worker_imports", "worker_entered", "worker_imported"),
+          ("data", "worker_imported", "data_loaded"), ("teacher_outputs", "data_loaded", "teacher_outputs_loaded"),
+          ("student_build", "teacher_outputs_loaded", "ready"), ("training", "ready", "reported"),
+          ("shutdown", "reported", "fitted"), ("models_logged", "fitted", "done")]
+LOOP_PHASES = ("training",)
+
+
+def phase_breakdown(driver: dict, metrics: dict) -> dict:
+    """Seconds per phase of a trial, plus `fixed` (everything but the training loop's own time, evaluations
+    excluded) and `total`. A finished trial run again has no worker phases."""
+    points = {**driver, **{k[len("time/"):]: v for k, v in metrics.items() if k.startswith("time/")
+                           and isinstance(v, (int, float))}}
+    out = {}
+    for name, a, b in PHASES:
+        if a in points and b in points:
+            out[name] = round(max(0.0, points[b] - points[a]), 2)
+    total = driver["done"] - driver["start"]
+    loop = out.get("training", 0.0) - float(metrics.get("time/eval_seconds", 0.0))
+    out.update({"evaluations": round(float(metrics.get("time/eval_seconds", 0.0)), 2), "total": round(total, 2),
+                "fixed": round(total - max(0.0, loop), 2)})
+    return out
+
+
+def format_phases(phases: dict) -> str:
+    parts = [f"{k} {v:.1f}" for k, v in phases.items() if k not in ("total", "fixed")]
+    return f"trial phases (s): {', '.join(parts)}; fixed cost {phases['fixed']:.1f}s of {phases['total']:.1f}s"
 
 
 def _log_prompts(uri: str, run_id: str, prompts: dict) -> None:

@@ -102,18 +102,22 @@ def _average_bn_across_ranks(model, world: int) -> None:
 
 def train_loop(config: dict) -> None:
     """Ray Train's per-worker function. ``config``: {"cfg": trial config, "assets": prepare(), "mlflow": {...}}."""
-    Trainer(config).run()
+    entered = time.time()
+    Trainer(config, entered).run()
 
 
 class Trainer:
     """One worker's trial: the model, its stages, evaluations, checkpoints and reports."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, entered: float | None = None):
         import ray.train
         import ray.train.torch
 
         from ..methods import get_method
         from ..models.students import build_student
+
+        # wall-clock time points of the worker's start (the driver turns them into the trial's phase breakdown)
+        self.phases = {"worker_entered": entered or time.time(), "worker_imported": time.time()}
 
         self.cfg, self.assets, self.ml = config["cfg"], config["assets"], config.get("mlflow") or {}
         cfg, tc = self.cfg, self.cfg["train"]
@@ -127,8 +131,10 @@ class Trainer:
         if self.splits.split_hash != self.assets["split_hash"]:
             raise RuntimeError("the data this worker sees differs from the driver's (split hash mismatch): "
                                "is the storage directory shared by every node?")
+        self.phases["data_loaded"] = time.time()
         ctx = method_context(cfg, spec, self.splits, self.assets["embed_dim"])
         outputs = teacher_outputs(cfg, self.images, ctx, self.assets["teacher"], teacher_id=self.assets["teacher_id"])
+        self.phases["teacher_outputs_loaded"] = time.time()
         method_cls = get_method(cfg["method"]["name"])
         hp = method_hparams(cfg, self.assets.get("teacher_logit_scale"))
         student = build_student(cfg["student"]["backbone"], cfg["student"]["pretrained"], cfg["student"]["freeze_bn"],
@@ -155,6 +161,8 @@ class Trainer:
         self.labels_dev = self.images.labels.to(self.device)
         self.history: list[dict] = []
         self.best = {"selectable": None, "any": None}
+        self.phases["ready"] = time.time()
+        self.eval_seconds = 0.0   # evaluating, checkpointing, reporting and logging (the loop's own overhead)
         self.logged_until = -1   # MLflow steps already logged by an earlier attempt of this trial
 
     # ------------------------------------------------------------------------------------------- stage machinery
@@ -286,6 +294,8 @@ class Trainer:
     def _evaluate(self, k: int, done: int, train_terms: dict, steps_per_s: float, elapsed: float) -> bool:
         """Evaluate, report, checkpoint. Returns True when the stage stops here (its last step, or SWAD's dead
         valley)."""
+        t_eval = time.time()
+        self.phases.setdefault("first_eval", t_eval)
         name, steps = self.stages[k]
         last_stage = k == len(self.stages) - 1
         step = sum(n for _, n in self.stages[:k]) + done
@@ -346,6 +356,9 @@ class Trainer:
                      "best": self.best, "done": metrics["final"]}
             if evaluated is not self.method:
                 state["train_model"] = train_state
+        self.eval_seconds += time.time() - t_eval
+        metrics.update({f"time/{key}": v for key, v in self.phases.items()})
+        metrics.update({"time/eval_seconds": self.eval_seconds, "time/reported": time.time()})
         self._report(metrics, state)
         return stage_ends
 
@@ -373,4 +386,5 @@ class Trainer:
             return
         prefix = f"{stage}/" if len(self.stages) > 1 and stage != self.stages[-1][0] else ""
         tracking.log_metrics(self.ml["uri"], self.ml["run_id"], {f"{prefix}{k}": v for k, v in metrics.items()
-                                                                  if k != SCORE_METRIC}, step)
+                                                                  if k != SCORE_METRIC and not k.startswith("time/")},
+                             step)

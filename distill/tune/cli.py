@@ -1,0 +1,33 @@
+"""``python -m distill.tune --space FILE.yaml [--storage DIR_OR_URI] [--set key=value ...] [--resume] [--dry-run]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import ConfigError
+from .driver import run_sweep
+from .plan import describe, make_plan
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill.tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--space", required=True, metavar="FILE.yaml",
+                        help="sweep YAML: the trial schema plus `seeds` and `search` (see search_spaces/demo.yaml)")
+    parser.add_argument("--storage", metavar="DIR_OR_URI",
+                        help="overrides `storage:` (a directory); a URI (s3://, gs://) puts Tune/Train results there")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value, e.g. --set search.num_samples=8 --set train.steps=200")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep from its storage")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
+    args = parser.parse_args(argv)
+    try:
+        plan = make_plan(args.space, args.overrides, args.storage)
+        if args.dry_run:
+            print(describe(plan))
+            return 0
+        run_sweep(plan, resume=args.resume)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,277 @@
+"""The sweep driver: prepare every cache once, run the searches on Ray Tune, and finish (selection, report, MLflow)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from .. import tracking
+from ..config import ConfigError, config_hash
+from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, TRIAL_RESOURCES, Plan, _join, describe, search_name, trial_cfg
+from .runs import _parent_run, finish, reconcile_runs
+from .space import METRIC, MODE
+from .searcher import SEARCH_KEY, PerSearchScheduler, SweepSearcher
+from .trainable import FinishingASHA, SweepTrial, TrialLog, error_reason, trial_name
+
+def concurrency(plan: Plan) -> tuple[int, str]:
+    """Trials at once: search.max_concurrent, capped by what a local cluster holds (each trial's workers need
+    num_workers x cpus/gpus_per_worker; the trial function itself holds no CPU). On a cluster we connected to
+    (RAY_ADDRESS), which may autoscale, max_concurrent is taken as given."""
+    import ray
+
+    need = plan.resources()
+    have = ray.cluster_resources()
+    cap = min(math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0) if need else 1
+    wanted = plan.search["max_concurrent"]
+    samples = plan.search["num_samples"]
+    external = bool(os.environ.get("RAY_ADDRESS"))
+    if cap < 1 and not external:
+        raise ConfigError([f"resources: one trial needs {need}, the local Ray cluster has "
+                           f"{ {k: have.get(k, 0) for k in need} }"])
+    if wanted is None:
+        n = max(1, cap)
+        why = f"{n} (what the cluster holds now: {need} per trial of {dict((k, have.get(k, 0)) for k in need)})"
+    elif external or wanted <= cap:
+        n = wanted
+        why = f"{n} (search.max_concurrent)"
+    else:
+        n = max(1, cap)
+        why = f"{n} (search.max_concurrent {wanted} capped: the cluster holds {cap} trial(s) of {need})"
+    n = min(n, samples * len(plan.searches()))
+    return n, why
+
+
+def _give_trials_the_ray_address() -> None:
+    """Ray Train's PlacementGroupCleaner (it frees a trial's workers when Tune kills the trial, e.g. an ASHA stop)
+    finds its cluster through RAY_ADDRESS, else by looking for GCS processes on the machine, which fails where
+    several Ray instances run (a shared machine): the stopped trial's placement group then leaks and later trials
+    wait for its CPUs forever. Tune puts `DEFAULT_ENV_VARS` into every trial actor's runtime_env, which the
+    trial's TorchTrainer controller and cleaner inherit: give them the address of this cluster."""
+    import ray
+
+    try:
+        from ray.tune.execution import class_cache
+
+        class_cache.DEFAULT_ENV_VARS["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    except (ImportError, AttributeError) as exc:  # a Ray without this hook: the cleaner looks for itself
+        print(f"[distill.tune] note: could not pass RAY_ADDRESS to trials ({exc})", flush=True)
+
+
+def warm_caches(plan: Plan) -> None:
+    """prepare() once per held-out domain and per method (and teacher choice) the space can draw: the world, the
+    fitted teacher and every teacher-output cache exist before any trial starts, so trials only read them."""
+    from ..trial.prepare import prepare
+
+    variants = [{}]
+    for key in plan.space.keys():
+        choices = plan.space.choices(key)
+        if choices and (key == "method.name" or key.startswith(("teacher.", "dataset."))):
+            variants = [{**v, key: c} for v in variants for c in choices]
+    if len(variants) > 64:  # a huge product: warm each method at least
+        variants = [{"method.name": m} for m in plan.methods]
+    seen = set()
+    for test_domain in plan.test_domains:
+        for params in variants:
+            try:
+                cfg = trial_cfg(plan.raw, params, test_domain, plan.seeds[0])
+            except ConfigError:
+                continue  # a combination the trials themselves would reject
+            key = config_hash({k: v for k, v in cfg.items() if k not in ("train", "student", "seed")})
+            if key in seen:
+                continue
+            seen.add(key)
+            t0 = time.time()
+            print(f"[distill.tune] preparing {test_domain} / {cfg['method']['name']} "
+                  f"{ {k: v for k, v in params.items() if k != 'method.name'} or ''}".rstrip(), flush=True)
+            prepare(cfg)
+            print(f"[distill.tune]   ready in {time.time() - t0:.1f}s", flush=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def max_trial_steps(plan: Plan) -> int:
+    """The most optimiser steps a trial of the sweep can take (every stage of every method it can choose)."""
+    from ..trial.prepare import trial_steps
+
+    return max(sum(n for _, n in trial_steps(_with_method_cfg(plan.cfg, m))) for m in plan.methods)
+
+
+def _with_method_cfg(cfg: dict, method: str) -> dict:
+    from ..methods import get_method
+
+    if cfg["method"]["name"] == method:
+        return cfg
+    return {**cfg, "method": {"name": method, **get_method(method).hparams}}
+
+
+EXPERIMENT = "sweep"   # the one Tune experiment of a sweep, under <sweep>/tune/
+
+
+def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool) -> dict:
+    """Every search of the sweep in one Tune experiment (restored from its directory with --resume). Returns
+    {search name: summary}."""
+    from ray import tune
+
+    exp_path = _join(plan.tune_root, EXPERIMENT)
+    sweep_dir = plan.sweep_dir
+    names = {search_name(d, s): (d, s) for d, s in plan.searches()}
+    trainable = tune.with_resources(
+        SweepTrial(plan.raw, plan.name, names, parent_run_id, plan.train_root, plan.tracking_uri,
+                   str(sweep_dir / "lodo") if plan.search["lodo"] else None), TRIAL_RESOURCES)
+    t0 = time.time()
+    if resume and tune.Tuner.can_restore(exp_path):
+        print(f"[distill.tune] resuming {exp_path}", flush=True)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+    else:
+        if "://" not in exp_path and Path(exp_path).exists():
+            shutil.rmtree(exp_path)  # a sweep killed before Tune saved any state: start it again
+        (sweep_dir / ROWS_FILE).unlink(missing_ok=True)  # rows of trials of an attempt that can no longer resume
+        searcher = SweepSearcher(list(names), plan.space, plan.search["num_samples"], plan.search["sampler_seed"],
+                                 plan.name)
+        scheduler = None
+        if plan.search["scheduler"] == "asha":
+            scheduler = PerSearchScheduler(list(names), AshaFactory(plan))
+        log = TrialLog(str(sweep_dir / ROWS_FILE), plan.name, names, plan.cfg["method"]["name"],
+                       max_trial_steps(plan))
+        total = plan.search["num_samples"] * len(names)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                        num_samples=total, max_concurrent_trials=n_concurrent,
+                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=plan.tune_root, callbacks=[log],
+                                      failure_config=tune.FailureConfig(max_failures=plan.search["max_failures"]),
+                                      verbose=1))
+        print(f"[distill.tune] {len(names)} search(es) x {plan.search['num_samples']} trial(s), {n_concurrent} at a "
+              f"time, sharing the cluster", flush=True)
+    grid = tuner.fit()
+    seconds = round(time.time() - t0, 1)
+    searcher = SweepSearcher.__new__(SweepSearcher)
+    try:
+        searcher.restore_from_dir(exp_path)   # the searcher as Tune saved it: the studies, for the export
+    except Exception as exc:  # noqa: BLE001 - only the Optuna export needs it
+        print(f"[distill.tune] could not read the searcher state back ({type(exc).__name__}: {exc})", flush=True)
+        searcher = None
+    summaries = {}
+    for name, (domain, seed) in names.items():
+        results = [r for r in grid if (r.config or {}).get(SEARCH_KEY) == name]
+        errors = [{"trial_id": Path(r.path).name.replace("trial_", ""), "error": error_reason(str(r.error))}
+                  for r in results if r.error is not None]
+        terminated = sum(1 for r in results if r.error is None)
+        summaries[name] = {"search": name, "test_domain": domain, "seed": seed, "trials": len(results),
+                           "terminated": terminated, "errors": errors,
+                           "finished": len(results) >= plan.search["num_samples"],
+                           "seconds": seconds, "experiment": exp_path, "study": f"{plan.name}:{name}",
+                           "trial_ids": [Path(r.path).name.replace("trial_", "") for r in results]}
+        if searcher is not None:
+            export_study(searcher.study(name), sweep_dir / "optuna.db", f"{plan.name}:{name}")
+    return summaries
+
+
+class AshaFactory:
+    """Builds one FinishingASHA per search (module-level: picklable)."""
+
+    def __init__(self, plan: Plan):
+        every = plan.cfg["train"]["eval_every"]
+        self.kwargs = {"time_attr": "step", "max_t": max_trial_steps(plan),
+                       "grace_period": plan.search["asha"]["grace_period"] * every,
+                       "reduction_factor": plan.search["asha"]["reduction_factor"]}
+
+    def __call__(self):
+        return FinishingASHA(**self.kwargs)
+
+
+def export_study(study, db: Path, study_name: str) -> None:
+    """A search's Optuna study copied into `optuna.db` (sqlite) for inspection (optuna.load_study,
+    optuna-dashboard). Never read back: the experiment's copy is the searcher's."""
+    import optuna
+
+    try:
+        url = tracking.sqlite_uri(db)
+        try:
+            optuna.delete_study(study_name=study_name, storage=url)
+        except KeyError:
+            pass
+        exported = optuna.create_study(study_name=study_name, storage=url, directions=study.directions)
+        exported.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    except Exception as exc:  # noqa: BLE001 - a convenience copy: never fail the sweep for it
+        print(f"[distill.tune] could not export the Optuna study {study_name} ({type(exc).__name__}: {exc})",
+              flush=True)
+
+
+def _load_state(plan: Plan) -> dict | None:
+    return _read_json(plan.sweep_dir / SWEEP_FILE)
+
+
+def run_sweep(plan: Plan, resume: bool = False) -> dict:
+    """The whole sweep; returns report.build's results (also written to the sweep dir)."""
+    from .. import report
+    from ..trial.launch import ensure_ray
+
+    sweep_dir = plan.sweep_dir
+    state = _load_state(plan)
+    if state and not resume:
+        raise ConfigError([f"{sweep_dir} already holds sweep {plan.name!r}: pass --resume to continue it, or give "
+                           f"another name (--set name=...)"])
+    if state and state.get("fingerprint") != plan.fingerprint():
+        raise ConfigError([f"--resume: {sweep_dir} was started from a different config ({state.get('source')} "
+                           f"{state.get('overrides') or ''}); resume with the same file and --set values "
+                           f"(only search.max_concurrent may change)"])
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "searches").mkdir(exist_ok=True)
+    if not state:
+        state = {"sweep": plan.name, "sweep_id": uuid.uuid4().hex[:12], "fingerprint": plan.fingerprint(),
+                 "source": plan.source, "overrides": plan.overrides, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(state, indent=2, default=str))
+    (sweep_dir / "sweep.yaml").write_text(plan.text)
+    (sweep_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2, default=str))
+
+    ensure_ray()
+    _give_trials_the_ray_address()
+    n_concurrent, why = concurrency(plan)
+    print(describe(plan, why), flush=True)
+    parent = _parent_run(plan, state["sweep_id"])
+    tracking.log_artifact(plan.tracking_uri, parent, sweep_dir / "sweep.yaml")
+    tracking.log_artifact(plan.tracking_uri, parent, sweep_dir / PLAN_FILE)
+    t0 = time.time()
+    try:
+        warm_caches(plan)
+        summaries = run_searches(plan, parent, n_concurrent, resume)
+        reconcile_runs(plan, parent)
+        for name, summary in summaries.items():
+            (sweep_dir / "searches" / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
+            for err in summary["errors"]:
+                print(f"[distill.tune] search {name}: trial {err['trial_id']} failed: {err['error'][:300]}",
+                      flush=True)
+        unfinished = [name for name, summary in summaries.items() if not summary["finished"]]
+        if unfinished:
+            raise KeyboardInterrupt(f"search(es) {', '.join(unfinished)} stopped before their trials finished")
+    except KeyboardInterrupt as exc:
+        tracking.set_tags(plan.tracking_uri, parent, {tracking.STATUS_TAG: "interrupted"})
+        tracking.end_run(plan.tracking_uri, parent, "KILLED")
+        print(f"[distill.tune] interrupted ({exc or 'Ctrl-C'}); continue with: python -m distill.tune --space "
+              f"{plan.source} {' '.join(f'--set {k}={v}' for k, v in plan.overrides.items())} --resume".rstrip(),
+              flush=True)
+        raise
+    except BaseException as exc:
+        tracking.set_tags(plan.tracking_uri, parent, {tracking.STATUS_TAG: "failed",
+                                                     "distill.failure": f"{type(exc).__name__}: {exc}"[:4000]})
+        tracking.end_run(plan.tracking_uri, parent, "FAILED")
+        raise
+    results = finish(plan, parent)
+    tracking.set_tags(plan.tracking_uri, parent, {tracking.STATUS_TAG: "finished",
+                                                 "distill.sweep_seconds": round(time.time() - t0)})
+    tracking.end_run(plan.tracking_uri, parent, "FINISHED")
+    print(report.render_text(results), flush=True)
+    print(f"[distill.tune] sweep {plan.name!r} done in {time.time() - t0:.0f}s: {sweep_dir}/results.md; MLflow "
+          f"{plan.tracking_uri} (experiment {plan.name!r}, parent run {parent})", flush=True)
+    return results

@@ -1,0 +1,179 @@
+"""The sweep in MLflow: its parent run, the children's statuses reconciled with what Tune did, the results and plots
+logged, and the selected models registered."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .. import tracking
+from ..config import flatten
+from .plan import ROWS_FILE, Plan
+
+def _parent_run(plan: Plan, sweep_id: str) -> str:
+    """The sweep's parent MLflow run, found again by its `distill.sweep_id` tag on resume (never duplicated)."""
+    uri = plan.tracking_uri
+    c = tracking.client(uri)
+    exp_id = tracking.experiment_id(uri, plan.name)
+    found = c.search_runs([exp_id], filter_string=f"tags.`distill.sweep_id` = '{sweep_id}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    run = c.create_run(exp_id, run_name=f"{plan.name} (sweep)", tags={
+        "distill.role": "sweep", "distill.sweep": plan.name, "distill.sweep_id": sweep_id,
+        "distill.methods": ",".join(plan.methods), "distill.test_domains": ",".join(plan.test_domains),
+        "distill.seeds": ",".join(map(str, plan.seeds)), "distill.git_sha": tracking.git_sha(),
+        tracking.RUN_NAME_TAG: f"{plan.name}-sweep-{sweep_id}"})
+    from mlflow.entities import Param
+
+    params = {**{f"search.{k}": v for k, v in flatten({k: v for k, v in plan.search.items() if k != "space"}).items()},
+              "search.space": "; ".join(plan.space.describe()), "seeds": plan.seeds,
+              **{k: v for k, v in flatten({k: v for k, v in plan.cfg.items() if k not in ("storage",)}).items()}}
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+
+def find_run(uri: str, experiment: str, run_name: str):
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name}'",
+                          max_results=1)
+    return found[0] if found else None
+
+def child_runs(plan: Plan, parent_run_id: str) -> dict[str, Any]:
+    """train run name -> MLflow child run of the sweep."""
+    c = tracking.client(plan.tracking_uri)
+    exp = c.get_experiment_by_name(plan.name)
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                         max_results=50000)
+    return {r.data.tags.get(tracking.RUN_NAME_TAG): r for r in runs}
+
+
+def reconcile_runs(plan: Plan, parent: str, final: bool = False) -> dict[str, Any]:
+    """Make each child run's MLflow status say what Tune did with its trial (trials.jsonl's `end` events). A trial
+    that ASHA stopped was killed mid-fit (its run may read RUNNING, or FAILED with the ActorDiedError of its
+    TorchTrainer): FINISHED, tagged early_stopped. A failed trial's run: FAILED with Tune's reason, unless
+    run_trial recorded its own. With `final`, runs still RUNNING belong to no live trial (a killed driver's)."""
+    from ..report import load_events
+
+    uri = plan.tracking_uri
+    c = tracking.client(uri)
+    ends = {e.get("train_run"): e for e in load_events(plan.sweep_dir)}
+    runs = child_runs(plan, parent)
+    for name, run in runs.items():
+        end, rid = ends.get(name), run.info.run_id
+        status, tags = run.info.status, run.data.tags
+        if end and end.get("status") == "early_stopped" and tags.get(tracking.STATUS_TAG) != "early_stopped":
+            if "distill.failure" in tags:
+                c.delete_tag(rid, "distill.failure")
+            tracking.set_tags(uri, rid, {tracking.STATUS_TAG: "early_stopped",
+                                         "distill.stopped_at_step": end.get("step")})
+            tracking.end_run(uri, rid, "FINISHED")
+        elif end and end.get("status") == "error" and status == "RUNNING":
+            tracking.set_tags(uri, rid, {tracking.STATUS_TAG: "failed",
+                                         "distill.failure": str(end.get("error"))[:4000]})
+            tracking.end_run(uri, rid, "FAILED")
+        elif final and status == "RUNNING":
+            tracking.set_tags(uri, rid, {tracking.STATUS_TAG: "interrupted"})
+            tracking.end_run(uri, rid, "KILLED")
+    return child_runs(plan, parent)
+
+
+def finish(plan: Plan, parent: str) -> dict:
+    """Selection, report files, plots, MLflow parent artifacts/metrics, model registry."""
+    from .. import plots, report
+
+    uri = plan.tracking_uri
+    sweep_dir = plan.sweep_dir
+    runs = reconcile_runs(plan, parent, final=True)
+    run_ids = {name: r.info.run_id for name, r in runs.items() if name}
+    (sweep_dir / "runs.json").write_text(json.dumps(run_ids, indent=2))
+    results = report.build_from_dirs([sweep_dir])
+    report.write(results, sweep_dir)
+    made = plots.make_all(results, report.load_rows(sweep_dir), sweep_dir / "plots")
+    for name in ("results.md", "results.csv", "results.json", ROWS_FILE, "runs.json"):
+        if (sweep_dir / name).exists():
+            tracking.log_artifact(uri, parent, sweep_dir / name, "results")
+    for path in made:
+        tracking.log_artifact(uri, parent, path, "plots")
+    metrics = {}
+    overall = report.overall_group(results)
+    for selection, prefix in (("validation", "test_acc"), ("oracle", "oracle_test_acc")):
+        row = report.table_row(results, selection, overall)
+        if row is None:
+            continue
+        for domain, cell in row["domains"].items():
+            if cell["mean"] is not None:
+                metrics[f"{prefix}/{domain}"] = cell["mean"]
+        if row["avg"]["mean"] is not None:
+            metrics[f"{prefix}_avg"] = row["avg"]["mean"]
+    tracking.log_metrics(uri, parent, metrics, 0)
+    register_selected(plan, results, run_ids)
+    return results
+
+
+def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> None:
+    """The selected model of each held-out domain (per seed): tag its child run, and register its best_checkpoint
+    artifact as a version of the registered model `<sweep>-<test domain>` (skipped where the store can't)."""
+    from .. import report
+
+    uri = plan.tracking_uri
+    c = tracking.client(uri)
+    overall = report.overall_group(results)
+    for sel in results["selected"]["validation"]:
+        if sel["method_group"] != overall:
+            continue
+        run_id = run_ids.get(sel["train_run"])
+        if not run_id:
+            print(f"[distill.tune] no MLflow run for {sel['train_run']}; not registered", flush=True)
+            continue
+        tracking.set_tags(uri, run_id, {"distill.selected": "true",
+                                        f"distill.selected_for.{sel['test_domain']}.s{sel['seed']}": sel["step"]})
+        model = _model_name(f"{plan.name}-{sel['test_domain']}")
+        try:
+            run = c.get_run(run_id)
+            artifacts = {a.path for a in c.list_artifacts(run_id)}
+            if "best_checkpoint" not in artifacts:
+                _log_checkpoint(uri, run_id, sel.get("checkpoint_path"))
+            existing = [v for v in c.search_model_versions(f"name = '{model}'") if v.run_id == run_id]
+            if existing:
+                continue
+            try:
+                c.create_registered_model(model, description=f"{plan.name}: selected by source-domain validation "
+                                                             f"with {sel['test_domain']} held out")
+            except Exception:  # noqa: BLE001 - exists already
+                pass
+            version = c.create_model_version(
+                model, source=f"{run.info.artifact_uri}/best_checkpoint", run_id=run_id,
+                tags={"distill.test_domain": sel["test_domain"], "distill.seed": str(sel["seed"]),
+                      "distill.step": str(sel["step"]), "distill.method": sel["method"],
+                      "distill.val_acc": f"{sel['val_acc']:.4f}", "distill.test_acc": f"{sel['test_acc']:.4f}"})
+            print(f"[distill.tune] registered {model} version {version.version} ({sel['method']}, seed "
+                  f"{sel['seed']}, step {sel['step']})", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the tag above stands for the registry
+            print(f"[distill.tune] could not register {model} ({type(exc).__name__}: {exc}); the child run is "
+                  f"tagged distill.selected=true instead", flush=True)
+
+
+def _model_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def _log_checkpoint(uri: str, run_id: str, checkpoint_path: str | None) -> None:
+    """A trial stopped early (ASHA) never logged its best checkpoint: log the selected step's checkpoint."""
+    import tempfile
+
+    from ..trial.launch import export_model, read_checkpoint
+    from ..trial.loop import CHECKPOINT_FILE
+
+    if not checkpoint_path or not (Path(checkpoint_path) / CHECKPOINT_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint_path} is gone (train.num_checkpoints keeps the best)")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(read_checkpoint(checkpoint_path), tmp)
+        tracking.log_artifact(uri, run_id, tmp, "best_checkpoint")

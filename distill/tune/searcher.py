@@ -1,0 +1,117 @@
+"""All searches of a sweep in one Tune experiment, each still its own search.
+
+Running the searches (held-out domain x seed) one after another leaves a cluster idle at the tail of each: with 16
+slots and 20 trials per search, the last 4 trials of every search run while 12 slots wait. Here one Tuner runs every
+search at once: ``SweepSearcher`` routes each new trial to the search with the fewest trials so far (its own Optuna
+study, TPE seeded as before), and ``PerSearchScheduler`` keeps one ASHA per search, so trials of different held-out
+domains are never compared. A free slot therefore never waits while any search has trials left; each search gets
+exactly ``num_samples`` trials and is selected on its own trials, as before.
+"""
+from __future__ import annotations
+
+import pickle
+
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from .space import METRIC, MODE
+
+SEARCH_KEY = "distill.search"   # the key of a trial's config naming its search (not a config key: stripped)
+
+
+def without_search(config: dict) -> dict:
+    """A trial's sampled hyperparameters, without the routing key."""
+    return {k: v for k, v in (config or {}).items() if k != SEARCH_KEY}
+
+
+class SweepSearcher(Searcher):
+    """One OptunaSearch per search; each suggestion goes to the search with the fewest trials (ties: plan order)."""
+
+    def __init__(self, searches: list[str], space, num_samples: int, sampler_seed: int, sweep: str):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        super().__init__(metric=METRIC, mode=MODE)
+        self.order = list(searches)
+        self.num_samples = int(num_samples)
+        self.studies = {name: f"{sweep}:{name}" for name in searches}
+        # metric/mode on each searcher too: with a define-by-run space OptunaSearch ignores TuneConfig's
+        self.subs = {name: OptunaSearch(space=space, metric=METRIC, mode=MODE, study_name=self.studies[name],
+                                        sampler=optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True,
+                                                                           group=True))
+                     for name in searches}
+        self.count = {name: 0 for name in searches}
+        self.owner: dict[str, str] = {}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True   # every sub-searcher has its metric, mode and space already
+
+    def suggest(self, trial_id: str):
+        if trial_id in self.owner:   # asked again for the same trial (a restored experiment)
+            name = self.owner[trial_id]
+            return {**self.subs[name].suggest(trial_id), SEARCH_KEY: name}
+        open_searches = [n for n in self.order if self.count[n] < self.num_samples]
+        if not open_searches:
+            return Searcher.FINISHED
+        name = min(open_searches, key=lambda n: (self.count[n], self.order.index(n)))
+        config = self.subs[name].suggest(trial_id)
+        if config is None or config == Searcher.FINISHED:
+            return config
+        self.count[name] += 1
+        self.owner[trial_id] = name
+        return {**config, SEARCH_KEY: name}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.owner:
+            self.subs[self.owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.owner:
+            self.subs[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
+
+    def study(self, name: str):
+        return self.subs[name]._ot_study
+
+    # Tune saves the searcher with the experiment (pickle, in Tune's own experiment directory) and reads it back
+    # only on `Tuner.restore` (python -m distill.tune --resume)
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__.copy(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class PerSearchScheduler(TrialScheduler):
+    """One scheduler per search (ASHA compares a trial only with the trials of its own search)."""
+
+    def __init__(self, searches: list[str], make):
+        self.subs = {name: make() for name in searches}
+
+    def _sub(self, trial):
+        return self.subs[trial.config[SEARCH_KEY]]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return all(s.set_search_properties(metric, mode, **spec) for s in self.subs.values())
+
+    def on_trial_add(self, tune_controller, trial):
+        self._sub(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial):
+        self._sub(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self._sub(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._sub(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._sub(trial).on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller):
+        return next(iter(self.subs.values())).choose_trial_to_run(tune_controller)   # FIFO: the same for all
+
+    def debug_string(self) -> str:
+        return "; ".join(f"{name}: {s.debug_string()}" for name, s in self.subs.items())

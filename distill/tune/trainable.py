@@ -1,0 +1,196 @@
+"""What Ray Tune runs and hears: the trial function (one TorchTrainer per trial, plus its leave-one-domain-out runs),
+ASHA that lets a trial's last evaluation finish, and the callback writing every evaluation row to trials.jsonl."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from .. import tracking
+from .plan import search_name, train_run_name, trial_cfg
+from .runs import find_run
+from .searcher import SEARCH_KEY, without_search
+from .space import METRIC
+
+class SweepTrial:
+    """The Tune function trainable of a sweep: the trial's search (held-out domain, seed) and sampled params onto
+    the trial config, then one run_trial (a TorchTrainer that reports to Tune through TuneReportCallback), after its
+    leave-one-domain-out runs with `search.lodo`. Module-level and picklable (Tune stores it for restore)."""
+
+    __name__ = "distill_trial"  # Tune names trials after the trainable
+
+    def __init__(self, raw: dict, sweep: str, searches: dict[str, tuple[str, int]], parent_run_id: str | None,
+                 train_storage: str, tracking_uri: str, lodo_dir: str | None = None):
+        self.raw, self.sweep, self.searches = raw, sweep, dict(searches)   # search name -> (test domain, seed)
+        self.parent_run_id, self.train_storage, self.tracking_uri = parent_run_id, train_storage, tracking_uri
+        self.lodo_dir = lodo_dir   # search.lodo: where the leave-one-domain-out rows go
+
+    def __call__(self, config: dict) -> None:
+        from ray import tune
+
+        from ..trial.launch import run_trial
+        from ..trial.prepare import trial_steps
+
+        # Ray started before MLFLOW_TRACKING_URI was set in the driver would not pass it on: set it here
+        os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        trial_id = tune.get_context().get_trial_id()
+        test_domain, seed = self.searches[config[SEARCH_KEY]]
+        params = without_search(config)
+        cfg = trial_cfg(self.raw, params, test_domain, seed)
+        name = train_run_name(self.sweep, test_domain, seed, trial_id)
+        total = sum(n for _, n in trial_steps(cfg))
+        final = finished_metrics(self.tracking_uri, self.sweep, name, total)
+        if final is not None:
+            # a trial that had finished when the driver died, before Tune recorded it: report its final metrics
+            # again instead of starting its TorchTrainer
+            tune.report({**final, "replayed": True})
+            return
+        if self.lodo_dir:
+            self.lodo_runs(params, test_domain, seed, trial_id, name)
+        run_trial(cfg, tune=True, parent_run_id=self.parent_run_id, name=name, train_storage=self.train_storage,
+                  experiment=self.sweep)
+
+    def lodo_runs(self, params: dict, test_domain: str, seed: int, trial_id: str, name: str) -> None:
+        """DomainBed's leave-one-domain-out runs of this trial (same hyperparameters and seed): for every source
+        domain V, a model trained with V held out too; its evaluations of V's in-split go to
+        `<sweep>/lodo/<search>-<trial>-<V>.json` (one file per run, written once it finished; a rerun skips it)."""
+        from ..report import LODO_EVENT
+        from ..trial.launch import read_checkpoint, run_trial
+
+        search = search_name(test_domain, seed)
+        for domain in _source_domains(trial_cfg(self.raw, params, test_domain, seed)):
+            out = Path(self.lodo_dir) / f"{search}-{trial_id}-{domain}.json"
+            if out.is_file():
+                continue
+            cfg = trial_cfg(self.raw, params, test_domain, seed, lodo_domain=domain)
+            result = run_trial(cfg, parent_run_id=self.parent_run_id, name=f"{name}-lodo-{domain}",
+                               train_storage=self.train_storage, experiment=self.sweep)
+            with result.checkpoint.as_directory() as d:
+                history = read_checkpoint(d)["history"]
+            common = {"event": LODO_EVENT, "sweep": self.sweep, "search": search, "test_domain": test_domain,
+                      "seed": seed, "trial_id": trial_id, "lodo_domain": domain,
+                      "method": cfg["method"]["name"], "params": params}
+            rows = [{**common, "step": r["step"], "lodo_acc": r.get("lodo_acc"), "selectable": r.get("selectable"),
+                     "final": r.get("final")} for r in history]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows, default=str))
+            tmp.replace(out)
+
+
+def _source_domains(cfg: dict) -> list[str]:
+    from ..data.registry import get_spec
+
+    ds = cfg["dataset"]
+    spec = get_spec(ds["name"], ds["root"] if ds["name"] != "synth" else None)
+    return [d for d in spec.domains if d != cfg["test_domain"]]
+
+
+def finished_metrics(uri: str, sweep: str, run_name: str, steps: int) -> dict | None:
+    """The final metrics of a trial whose MLflow child run finished (run_trial marks it only after fit())."""
+    try:
+        run = find_run(uri, sweep, run_name)
+    except Exception:  # noqa: BLE001 - no store yet: nothing finished
+        return None
+    if run is None or run.info.status != "FINISHED" or run.data.tags.get(tracking.STATUS_TAG) != "finished":
+        return None
+    metrics = dict(run.data.metrics)
+    return {**metrics, "step": steps, "final": True, "total_steps": steps} if METRIC in metrics else None
+
+
+def trial_name(trial) -> str:
+    """Tune's name and directory of a trial: short and stable (the default puts every sampled value in it)."""
+    return f"trial_{trial.trial_id}"
+
+
+class FinishingASHA(ASHAScheduler):
+    """Ray's ASHA, except that a trial's last evaluation (time_attr >= max_t) never gets STOP: the trial ends by
+    itself there. A STOP kills the trial's process at once, which would cut run_trial's tail (logging the best
+    checkpoint, closing the MLflow run); stops at earlier rungs are real early stops."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        if result.get("final") or result.get(self._time_attr, -1) >= self._max_t:
+            return TrialScheduler.CONTINUE
+        return action
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class TrialLog(Callback):
+    """Driver-side Tune callback: every evaluation row a trial reports -> `trials.jsonl` (with the trial's search,
+    method and sampled params), plus an `end` row per trial: completed, early_stopped (ASHA) or error (with the
+    reason). Module-level and picklable: Tune stores it with the experiment and uses the stored one after a
+    restore."""
+
+    def __init__(self, path: str, sweep: str, searches: dict[str, tuple[str, int]], base_method: str, steps: int):
+        self.path, self.sweep, self.searches = path, sweep, dict(searches)
+        self.base_method, self.steps = base_method, steps
+
+    def _common(self, trial) -> dict:
+        search = (trial.config or {}).get(SEARCH_KEY)
+        test_domain, seed = self.searches.get(search, (None, None))
+        params = without_search(trial.config)
+        return {"sweep": self.sweep, "search": search, "test_domain": test_domain, "seed": seed,
+                "trial_id": trial.trial_id, "method": params.get("method.name", self.base_method),
+                "params": params, "train_run": train_run_name(self.sweep, test_domain, seed, trial.trial_id)}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "step" not in result:
+            return
+        common = self._common(trial)
+        if result.get("replayed"):
+            from ..report import read_jsonl
+
+            key = (common["search"], trial.trial_id, result["step"])
+            if any((r.get("search"), r.get("trial_id"), r.get("step")) == key for r in read_jsonl(self.path)
+                   if r.get("event") == "eval"):
+                return
+        keep = {k: v for k, v in result.items()
+                if k in ("step", "val_acc", METRIC, "test_acc", "test_out_acc", "val_loss", "loss", "checkpoint_path",
+                         "training_iteration", "time_total_s", "timestamp", "stage", "eval_model", "selectable",
+                         "final", "total_steps", "raw_val_acc")
+                or k.startswith(("val_acc/", "loss/"))}
+        append_jsonl(self.path, {"event": "eval", **common, **keep})
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        step = last.get("step")
+        done = last.get("final") or (step is not None and step >= last.get("total_steps", self.steps))
+        status = "completed" if done else "early_stopped"
+        append_jsonl(self.path, {"event": "end", **self._common(trial), "status": status, "step": step})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        append_jsonl(self.path, {"event": "end", **self._common(trial), "status": "error",
+                                 "error": _trial_error(trial), "step": (trial.last_result or {}).get("step")})
+
+
+def error_reason(text: str) -> str:
+    """The innermost `SomeError: message` line of a (Ray-wrapped) traceback."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "unknown error"
+    pattern = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+    return next((ln for ln in reversed(lines) if pattern.match(ln)), lines[-1])
+
+
+def _trial_error(trial) -> str:
+    try:
+        path = trial.error_file
+        if path and Path(path).is_file():
+            return error_reason(Path(path).read_text())
+    except Exception:  # noqa: BLE001
+        pass
+    return "trial failed (see Tune's error.txt in the trial directory)"
+
+
