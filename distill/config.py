@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "student": {
         "backbone": "resnet18",
-        "pretrained": "none",  # none | imagenet (torchvision weights; needs internet or a warm torch hub cache)
+        "pretrained": "none",  # none | imagenet (torchvision; internet or a warm hub cache) | builtin (photo corpus)
         "freeze_bn": False,
     },
     "method": {"name": "erm"},
@@ -63,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
         "averaging": "none",  # none | sma (DomainBed/SCMD's moving average) | swad (SWAD's loss-valley average)
         "averaging_start": 300,  # sma: the first averaged step (SCMD: 300)
         "swad": {"n_converge": 3, "n_tolerance": 6, "tolerance_ratio": 0.3, "bn_steps": 500},  # SWAD's defaults
+        "device_data": "auto",  # auto | gpu | host: the decoded images on the GPU, or in host memory (streamed)
+        "compile": False,  # torch.compile the student's backbone (GPU; measure it: benchmarks/loop.py)
     },
     "resources": {
         "num_workers": 1,  # DDP workers per trial
@@ -121,6 +123,8 @@ TYPES: dict[str, Any] = {
     "train.swad.n_tolerance": int,
     "train.swad.tolerance_ratio": NUMBER,
     "train.swad.bn_steps": int,
+    "train.device_data": str,
+    "train.compile": bool,
     "resources.num_workers": int,
     "resources.cpus_per_worker": NUMBER,
     "resources.gpus_per_worker": NUMBER,
@@ -130,11 +134,12 @@ TYPES: dict[str, Any] = {
 
 CHOICES = {
     "teacher.preprocess": ["clip", "imagenet"],
-    "student.pretrained": ["none", "imagenet"],
+    "student.pretrained": ["none", "imagenet", "builtin"],
     "train.optimizer": ["adam", "adamw", "sgd"],
     "train.lr_schedule": ["constant", "cosine", "step"],
     "train.amp": ["auto", "bf16", "off"],
     "train.averaging": ["none", "sma", "swad"],
+    "train.device_data": ["auto", "gpu", "host"],
 }
 
 FIT = "fit"
@@ -287,6 +292,11 @@ def schema_problems(cfg: dict) -> list[str]:
     gpus = get_dotted(cfg, "resources.gpus_per_worker")
     if isinstance(gpus, (int, float)) and gpus > 1 and gpus != int(gpus):
         problems.append(f"resources.gpus_per_worker: fractions are for sharing one GPU (<= 1), got {gpus!r}")
+    workers = get_dotted(cfg, "resources.num_workers")
+    if isinstance(gpus, (int, float)) and 0 < gpus < 1 and isinstance(workers, int) and workers > 1:
+        problems.append(f"resources: gpus_per_worker {gpus!r} < 1 with num_workers {workers}: Ray may put two workers "
+                        f"of one trial on the same GPU, and NCCL then fails with 'Duplicate GPU detected' (Ray issue "
+                        f"48012); share GPUs between single-worker trials, or give each worker a whole GPU")
     return problems
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import ERRORS, REPORTED, SELECTION_METRIC, select, selectable, trial_order
+from .selection import ERRORS, REPORTED, SELECTION_METRIC, select, selectable, trial_order
 
 
 def _plt():

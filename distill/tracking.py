@@ -79,7 +79,7 @@ def _param_value(value: Any) -> str:
 def find_or_create_run(uri: str, experiment: str, run_name: str, params: dict[str, Any] | None = None,
                        tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
     """The run tagged with this deterministic run name (so a resumed trial keeps its run), or a new one."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     c = client(uri)
     exp_id = experiment_id(uri, experiment)

@@ -83,3 +83,22 @@ def test_a_backbone_without_weights_cannot_be_pretrained(tmp_path):
         load_config(p)
     assert err.value.problems == ["student.pretrained: backbone 'small_cnn' has no pretrained weights; use 'none'"]
     assert load_config(p, ["student.pretrained=none"])["student"]["backbone"] == "small_cnn"
+
+
+def test_fractional_gpus_with_several_workers_are_refused_naming_the_ray_limitation():
+    with pytest.raises(ConfigError, match="Duplicate GPU detected.*48012"):
+        build_config({"resources": {"num_workers": 2, "gpus_per_worker": 0.5}})
+    assert build_config({"resources": {"num_workers": 1, "gpus_per_worker": 0.25}})["resources"]["gpus_per_worker"] \
+        == 0.25
+    assert build_config({"resources": {"num_workers": 2, "gpus_per_worker": 1}})
+
+
+def test_recipe_options_are_checked_before_anything_runs():
+    for raw, message in [({"teacher": {"views": 4, "online": True}}, "choose one way"),
+                         ({"teacher": {"views": 2}, "train": {"augment": False}}, "need train.augment: true"),
+                         ({"teacher": {"views": -1}}, "teacher.views: must be >= 0"),
+                         ({"train": {"averaging": "ema"}}, "train.averaging: 'ema' is not one of"),
+                         ({"train": {"swad": {"n_converge": 0}}}, "train.swad.n_converge: must be >= 1"),
+                         ({"train": {"device_data": "disk"}}, "train.device_data: 'disk' is not one of")]:
+        with pytest.raises(ConfigError, match=message):
+            build_config(raw)

@@ -207,3 +207,36 @@ def test_vl2v_distill_starts_from_aligns_best_source_validation_evaluation(fitte
     assert not torch.equal(weights["student.proj.weight"], end_of_align["student.proj.weight"])
     assert handoff["step"] == 4 and handoff["val_acc"] == 0.60   # the first best, not the last evaluation
     assert all(torch.equal(weights[n], v.to(weights[n].device)) for n, v in handoff["state"].items())
+
+
+def test_host_streamed_images_give_the_same_batches_on_a_domainnet_sized_index(tmp_path):
+    """train.device_data: host gathers each step's images from the memory-mapped cache (and queues the next step's):
+    the batches equal those of the device-resident path, also for a DomainNet-sized index (586,575 images, mapped
+    from disk, never read whole)."""
+    import numpy as np
+
+    from distill.data.splits import make_splits
+    from distill.trial.feed import Feeder
+
+    n, size = 586_575, 8
+    path = tmp_path / "images.u8"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))[::997] = 200
+    mapped = torch.from_numpy(np.load(path, mmap_mode="r"))      # not read into memory
+    spec = get_spec("DomainNet")
+    domains = torch.arange(n) % len(spec.domains)
+    images = SimpleNamespace(images=mapped, labels=torch.arange(n) % len(spec.classes), domains=domains,
+                             paths=[f"{spec.domains[d]}/x/{i}.jpg" for i, d in enumerate(domains.tolist())],
+                             spec=spec, domain_indices=lambda dom: torch.nonzero(domains == spec.domains.index(dom))
+                             .flatten())
+    splits = make_splits(images, "sketch", 0.2, seed=0)
+    outputs = SimpleNamespace(image_emb=None, views=None)
+    feeds = {}
+    for mode in ("gpu", "host"):
+        cfg = trial_config(build_config({"dataset": {"image_size": size}, "train": {"batch_size": 16,
+                                                                                     "device_data": mode}}), "sketch")
+        feeds[mode] = Feeder(cfg, images, splits, outputs, False, torch.device("cpu"))
+    assert feeds["host"].host and not feeds["gpu"].host
+    for step in (0, 1, 2, 7, 8):   # consecutive steps come from the prefetch, 7 after a jump
+        a, b = feeds["gpu"].batch(step), feeds["host"].batch(step)
+        assert torch.equal(a["idx"], b["idx"]) and torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+    assert feeds["host"]._next[0] == 9

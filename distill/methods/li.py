@@ -129,18 +129,17 @@ class Li(Method):
             if "vlalign" in self.terms:
                 cos_t = v @ t.t()
                 if self.hp["filter_misclassified"]:
-                    keep = cos_t.argmax(dim=-1) == y
+                    keep = (cos_t.argmax(dim=-1) == y).float()
                 else:
-                    keep = torch.ones_like(y, dtype=torch.bool)
-                ids = self.topk_classes(cos_t[keep])
-                lt = cos_t[keep].gather(1, ids) / tau
-                ls = cos_s[keep].gather(1, ids) / tau
-                if len(ids):
-                    kl = (lt.softmax(-1) * (lt.log_softmax(-1) - ls.log_softmax(-1))).sum(-1).mean()
-                else:  # every sample filtered out: a zero that keeps the graph
-                    kl = cos_s.sum() * 0.0
-                terms["vlalign"] = kl
-                terms["aligned"] = keep.float().sum()
+                    keep = torch.ones_like(y, dtype=torch.float32)
+                # the KL of every sample over its teacher's top-k classes, averaged over the kept ones (a weighted
+                # mean instead of boolean indexing, which would make the host wait for the device every step)
+                ids = self.topk_classes(cos_t)
+                lt = cos_t.gather(1, ids) / tau
+                ls = cos_s.gather(1, ids) / tau
+                per = (lt.softmax(-1) * (lt.log_softmax(-1) - ls.log_softmax(-1))).sum(-1)
+                terms["vlalign"] = (per * keep).sum() / keep.sum().clamp_min(1.0)   # none kept: 0, graph kept
+                terms["aligned"] = keep.sum()
             if "mse" in self.terms:
                 terms["mse"] = ((s - v) ** 2).sum(-1).mean()
             if "imcst" in self.terms:

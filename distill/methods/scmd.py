@@ -124,5 +124,5 @@ class SCMD(Method):
             cm = kd_loss(self.cm_logits(out["features"]), z_t, T)
             loss = ce + float(self.hp["kd_weight"]) * kd + float(self.hp["cm_weight"]) * cm
         return loss, {"ce": ce.detach(), "kd": kd.detach(), "cm": cm.detach(),
-                      "selected": torch.tensor(float(len(keep)), device=loss.device),
+                      "selected": torch.full((), float(len(keep)), device=loss.device),   # a fill: no host copy
                       "cm_scale": self.logit_scale.detach().exp()}

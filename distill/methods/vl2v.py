@@ -122,7 +122,7 @@ class VL2V(Method):
             lam = float(self.hp["lam"])
             loss = -lam * img - (1.0 - lam) * txt
         return loss, {"img_cos": img.detach(), "txt_cos": txt.detach(),
-                      "stage": torch.tensor(float(stage == DISTILL), device=loss.device)}
+                      "stage": torch.full((), float(stage == DISTILL), device=loss.device)}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         s = F.normalize(self.student(x)["embed"].float(), dim=-1)

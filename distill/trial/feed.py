@@ -13,6 +13,11 @@ What the teacher sees (``teacher_view``):
   recipe: CLIP features of centre crops).
 - ``none``: the method needs no per-image teacher output.
 
+Where the decoded images live (``train.device_data``): on the GPU (``gpu``: gathered there every step), or in host
+memory (``host``: the memory-mapped uint8 cache, shared by every trial on a node through the page cache; each step's
+images are gathered on the host, pinned and copied asynchronously, the next step's while the current one runs), by
+size with ``auto``. On a CPU there is one memory: the images stay in the mapped cache.
+
 Batch ``t`` is a pure function of (seed, rank, t) and of the generator state the checkpoint stores, so a resumed
 trial continues the same stream.
 """
@@ -26,6 +31,20 @@ from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, augment, center, normali
 from ..data.splits import DomainBatches
 
 BN_STREAM_OFFSET = 1_000_003   # the batches SWAD recomputes BatchNorm statistics on: a separate, seeded stream
+
+
+GPU_SHARE = 0.25   # auto: the images go to the GPU when they take at most this share of its memory (per trial)
+
+
+def data_on_host(mode: str, nbytes: int, device, gpus_per_worker: float = 1.0) -> bool:
+    """Whether the decoded images stay in host memory (``train.device_data``: auto, gpu, host). On a CPU both are
+    the same memory; ``host`` there still takes the streaming path (gather, prefetch), which the tests use."""
+    if mode != "auto":
+        return mode == "host"
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return nbytes > GPU_SHARE * total * min(1.0, gpus_per_worker or 1.0)
 
 
 def teacher_view(cfg: dict, needs_image_embeddings: bool) -> str:
@@ -47,8 +66,14 @@ class Feeder:
         if self.mode == "online" and teacher is None:
             raise ValueError("teacher.online needs the teacher in the worker")
         self.teacher, self.amp_dtype = teacher, amp_dtype
-        self.images = images.images.to(device)        # decoded uint8 images (augmentation runs on the device)
+        self.cuda = device.type == "cuda"
+        self.host = data_on_host(tc["device_data"], images.images.numel(), device,
+                                 cfg["resources"]["gpus_per_worker"])
+        # decoded uint8 images: on the device (augmentation runs there), or left in the host's mapped cache
+        self.images = images.images if self.host else images.images.to(device)
         self.labels = images.labels.to(device)
+        self.channels_last = self.cuda   # convolutional students run faster in channels_last on a GPU
+        self._next: tuple | None = None  # (step, idx, images) already on their way to the device
         self.image_emb = outputs.image_emb.to(device) if self.mode == "centre" else None
         if self.mode == "views":
             self.view_params = outputs.views.params.to(device)
@@ -61,10 +86,21 @@ class Feeder:
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(cfg["seed"] * 1000 + rank)
 
-    def views(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.pin_memory().to(self.device, non_blocking=True) if self.cuda else x
+
+    def _load(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step `step`'s image indices (on the device) and uint8 images (on the device, or on their way there)."""
+        idx = self.stream.batch(step)
+        x_u8 = self._to_device(self.images[idx]) if self.host else None
+        idx = self._to_device(idx)
+        return idx, (x_u8 if x_u8 is not None else self.images[idx])
+
+    def views(self, idx: torch.Tensor, x_u8: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The student's views (float [B, 3, size, size] in [0, 1]) of images `idx` and the teacher's embeddings of
         the same views (float32, normalised; None when the method needs none)."""
-        x_u8 = self.images[idx]
+        if x_u8 is None:
+            x_u8 = self._to_device(self.images[idx.cpu()]) if self.host else self.images[idx]
         if self.mode == "views":
             pick = torch.randint(self.view_params.shape[1], (len(idx),), generator=self.gen, device=self.device)
             x01 = render(x_u8, self.view_params[idx, pick], self.size)
@@ -78,10 +114,17 @@ class Feeder:
         return x01, None
 
     def batch(self, step: int) -> dict:
-        idx = self.stream.batch(step).to(self.device)
-        x01, emb = self.views(idx)
-        out = {"x": normalize(x01, IMAGENET_MEAN, IMAGENET_STD), "y": self.labels[idx], "domain": self.domains,
-               "idx": idx}
+        if self._next is not None and self._next[0] == step:
+            _, idx, x_u8 = self._next
+        else:
+            idx, x_u8 = self._load(step)
+        if self.host:   # queue the next step's gather and copies now: on a GPU they run while this step computes
+            self._next = (step + 1, *self._load(step + 1))
+        x01, emb = self.views(idx, x_u8)
+        x = normalize(x01, IMAGENET_MEAN, IMAGENET_STD)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = {"x": x, "y": self.labels[idx], "domain": self.domains, "idx": idx}
         if emb is not None:
             out["image_emb"] = emb
         return out
@@ -93,7 +136,8 @@ class Feeder:
         gen = torch.Generator(device=self.device)
         gen.manual_seed((self.seed + BN_STREAM_OFFSET) * 1000 + self.rank)
         for step in range(n):
-            x_u8 = self.images[stream.batch(step).to(self.device)]
+            idx = stream.batch(step)
+            x_u8 = self._to_device(self.images[idx]) if self.host else self.images[self._to_device(idx)]
             x01 = augment(x_u8, self.size, generator=gen) if self.augment else center(x_u8, self.size)
             yield normalize(x01, IMAGENET_MEAN, IMAGENET_STD)
 

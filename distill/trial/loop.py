@@ -69,8 +69,11 @@ def evaluate(model, images, labels, index_sets: dict, size: int, device, rank: i
     sums = torch.zeros(len(index_sets), 3, dtype=torch.float64, device=device)   # correct, loss sum, count
     for row, idx in enumerate(index_sets.values()):
         for chunk in idx[rank::world].split(batch_size):
+            x_u8 = images[chunk.to(images.device)].to(device, non_blocking=True)   # images on the device or host
+            x = normalize(center(x_u8, size), IMAGENET_MEAN, IMAGENET_STD)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
             chunk = chunk.to(device)
-            x = normalize(center(images[chunk], size), IMAGENET_MEAN, IMAGENET_STD)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model.predict(x).float()
             y = labels[chunk]
@@ -140,6 +143,10 @@ class Trainer:
         student = build_student(cfg["student"]["backbone"], cfg["student"]["pretrained"], cfg["student"]["freeze_bn"],
                                 embed_dim=self.assets["embed_dim"], num_classes=len(spec.classes))
         self.method = method_cls(student, hp, ctx, outputs.text).to(self.device)
+        if self.device.type == "cuda":   # convolutional students: channels_last (the feeder gives such inputs)
+            self.method.student.to(memory_format=torch.channels_last)
+        if tc["compile"]:
+            self.method.student.backbone.compile()   # in place: parameter names (checkpoints, averages) unchanged
         teacher = None
         if teacher_view(cfg, method_cls.needs_image_embeddings) == "online":
             from ..models.teachers import load_teacher_spec
@@ -157,7 +164,7 @@ class Trainer:
                           "test_in": self.splits.test_in, "test_out": self.splits.test_out}
         if getattr(self.splits, "lodo_in", None) is not None:
             self.eval_sets["lodo_in"] = self.splits.lodo_in
-        self.images_dev = self.images.images.to(self.device)
+        self.images_dev = self.feed.images   # on the device, or the host's mapped cache (train.device_data)
         self.labels_dev = self.images.labels.to(self.device)
         self.history: list[dict] = []
         self.best = {"selectable": None, "any": None}
