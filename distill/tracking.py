@@ -115,6 +115,40 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
             time.sleep(0.5 * (attempt + 1))
 
 
+class MetricsLogger:
+    """Logs metrics from a background thread, in order, so that a trial's loop never waits for the tracking store
+    (a sqlite file several trials write, or a server). ``close()`` flushes what is queued."""
+
+    def __init__(self, uri: str, run_id: str):
+        import queue
+        import threading
+
+        self.uri, self.run_id = uri, run_id
+        self.queue: "queue.Queue" = queue.Queue()
+        self.failed: str | None = None
+        self.thread = threading.Thread(target=self._run, name="distill-mlflow", daemon=True)
+        self.thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.queue.put((dict(metrics), step))
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            try:
+                log_metrics(self.uri, self.run_id, *item)
+            except Exception as exc:  # noqa: BLE001 - tracking must never kill training; said once
+                if self.failed is None:
+                    self.failed = f"{type(exc).__name__}: {exc}"
+                    print(f"[distill] MLflow logging failed ({self.failed}); training goes on", flush=True)
+
+    def close(self, timeout: float = 60.0) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+
 def _metric_key(key: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in key)
 

@@ -115,11 +115,11 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
     _log_models(uri, run_id, result)
     tracking.set_tags(uri, run_id, {tracking.STATUS_TAG: "finished",
                                     "distill.train_run": str(Path(train_storage) / name)})
-    tracking.end_run(uri, run_id, "FINISHED")
     t["done"] = time.time()
     result.phases = phase_breakdown(t, result.metrics or {})  # type: ignore[attr-defined]
     print(f"[distill] {name}: {format_phases(result.phases)}", flush=True)
     tracking.log_metrics(uri, run_id, {f"phase/{k}": v for k, v in result.phases.items()}, 0)
+    tracking.end_run(uri, run_id, "FINISHED")
     result.mlflow_run_id = run_id  # type: ignore[attr-defined]
     return result
 

@@ -106,7 +106,12 @@ def _average_bn_across_ranks(model, world: int) -> None:
 def train_loop(config: dict) -> None:
     """Ray Train's per-worker function. ``config``: {"cfg": trial config, "assets": prepare(), "mlflow": {...}}."""
     entered = time.time()
-    Trainer(config, entered).run()
+    trainer = Trainer(config, entered)
+    try:
+        trainer.run()
+    finally:
+        if trainer.logger is not None:
+            trainer.logger.close()
 
 
 class Trainer:
@@ -128,7 +133,11 @@ class Trainer:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.amp = amp_dtype(self.device, tc["amp"])
+        if self.device.type == "cpu":   # as many threads as the worker's CPUs: more only fight over the cores
+            torch.set_num_threads(max(1, int(cfg["resources"]["cpus_per_worker"])))
         torch.manual_seed(cfg["seed"])
+        self.logger = (tracking.MetricsLogger(self.ml["uri"], self.ml["run_id"])
+                       if self.rank == 0 and self.ml.get("run_id") else None)
 
         spec, self.images, self.splits = load_task(cfg)
         if self.splits.split_hash != self.assets["split_hash"]:
@@ -389,9 +398,8 @@ class Trainer:
     def _log(self, metrics: dict, step: int, stage: str) -> None:
         """MLflow (rank 0): metrics of a first stage carry its name as a prefix (`align/val_acc`); the last stage's
         are the trial's own."""
-        if self.rank != 0 or not self.ml.get("run_id"):
+        if self.logger is None:
             return
         prefix = f"{stage}/" if len(self.stages) > 1 and stage != self.stages[-1][0] else ""
-        tracking.log_metrics(self.ml["uri"], self.ml["run_id"], {f"{prefix}{k}": v for k, v in metrics.items()
-                                                                  if k != SCORE_METRIC and not k.startswith("time/")},
-                             step)
+        self.logger.log({f"{prefix}{k}": v for k, v in metrics.items()
+                         if k != SCORE_METRIC and not k.startswith("time/")}, step)

@@ -1,0 +1,126 @@
+"""Does a sweep keep its cluster full? ``python benchmarks/sweep.py [--nodes 4] [--trials 4] [--steps 300]``.
+
+Starts a simulated multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head with no CPU for
+trials, plus ``--nodes`` nodes of one CPU each), runs a sweep of short ``small_cnn`` trials over several searches
+(each held-out domain of the built-in world x one seed, ``--trials`` per search, as many at once as the cluster
+holds), and measures:
+
+- ``wall_s``: the searches' wall time (from the first trial's start to the last trial's end);
+- ``ideal_s``: the trials' own training-loop time summed, over the slots: the wall time of a cluster that never
+  idles and pays no per-trial start-up;
+- ``utilisation`` = ideal_s / wall_s;
+- ``fixed_s_per_trial``: each trial's fixed cost (everything but its training loop: Ray Train start-up, data,
+  teacher outputs, MLflow, checkpoints, shutdown), from the phase breakdown every trial logs.
+
+It also checks the sweep's results against the rules of the sequential order: every search ran exactly its
+trials, and each held-out domain's model was selected among its own search's trials. Prints a table and writes
+``benchmarks/results/sweep-<device>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def sweep_yaml(storage: Path, trials: int, steps: int, nodes: int) -> dict:
+    return {"name": "bench-sweep", "storage": str(storage), "seeds": [0], "test_domains": None,
+            "dataset": {"world": {"per_class": 40}}, "teacher": {"fit_steps": 100, "prompts": "single"},
+            "student": {"backbone": "small_cnn"}, "method": {"name": "erm"},
+            "train": {"steps": steps, "batch_size": 32, "eval_every": steps // 2, "amp": "off",
+                      "lr_schedule": "cosine", "lr": 3e-3},
+            "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+            "search": {"num_samples": trials, "max_concurrent": nodes, "sampler_seed": 0,
+                       "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}}}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=4, help="simulated worker nodes of 1 CPU each")
+    parser.add_argument("--trials", type=int, default=4, help="trials per search (4 searches)")
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps per trial")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from distill import report, tracking
+    from distill.tune import make_plan, run_sweep
+
+    storage = Path(tempfile.mkdtemp(prefix="distill-sweep-bench-"))
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.sqlite_uri(storage / "mlflow.db")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(args.nodes):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    os.environ["RAY_ADDRESS"] = cluster.address
+    load_start = os.getloadavg()
+    try:
+        path = storage / "sweep.yaml"
+        path.write_text(yaml.safe_dump(sweep_yaml(storage, args.trials, args.steps, args.nodes)))
+        plan = make_plan(path)
+        t0 = time.time()
+        results = run_sweep(plan)
+        total_s = time.time() - t0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    rows = report.load_rows(plan.sweep_dir)
+    client = tracking.client(plan.tracking_uri)
+    exp = client.get_experiment_by_name(plan.name)
+    children = [r for r in client.search_runs([exp.experiment_id], max_results=10000)
+                if r.data.tags.get("distill.role") != "sweep"]
+    phases = [{k[len("phase/"):]: v for k, v in r.data.metrics.items() if k.startswith("phase/")} for r in children]
+    loops = [p["training"] - p.get("evaluations", 0.0) for p in phases if "training" in p]
+    starts = [r["timestamp"] - r["time_total_s"] for r in rows if "timestamp" in r and "time_total_s" in r]
+    ends = [r["timestamp"] for r in rows if "timestamp" in r]
+    # a trial's span: from its Tune start to its last report (Tune's timestamps), over every trial
+    wall = max(ends) - min(starts) if starts else total_s
+    ideal = sum(loops) / args.nodes
+    per_search = {}
+    for r in rows:
+        per_search.setdefault(r["search"], set()).add(r["trial_id"])
+    selected_own = all(s["trial_id"] in per_search.get(f"{s['test_domain']}-s{s['seed']}", set())
+                       for s in results["selected"]["validation"])
+    out = {"device": platform.processor() or "cpu", "cpu_count": os.cpu_count(), "nodes": args.nodes,
+           "slots": args.nodes, "searches": len(per_search), "trials": len(loops),
+           "trials_per_search": {k: len(v) for k, v in sorted(per_search.items())},
+           "steps_per_trial": args.steps, "wall_s": round(wall, 1), "sweep_s": round(total_s, 1),
+           "ideal_s": round(ideal, 1), "utilisation": round(ideal / wall, 3) if wall else None,
+           "fixed_s_per_trial": round(statistics.mean(p["fixed"] for p in phases if "fixed" in p), 1),
+           "loop_s_per_trial": round(statistics.mean(loops), 1),
+           "phases_mean_s": {k: round(statistics.mean(p[k] for p in phases if k in p), 2)
+                             for k in sorted({k for p in phases for k in p})},
+           "every_search_ran_its_trials": all(len(v) == args.trials for v in per_search.values()),
+           "each_domain_selected_among_its_own_search": selected_own,
+           "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    device = "cpu"
+    (dest / f"sweep-{device}.json").write_text(json.dumps(out, indent=1))
+    print("\n| nodes x CPU | searches x trials | wall s | ideal s | utilisation | fixed s/trial | loop s/trial |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {args.nodes} x 1 | {out['searches']} x {args.trials} | {out['wall_s']} | {out['ideal_s']} | "
+          f"{out['utilisation']} | {out['fixed_s_per_trial']} | {out['loop_s_per_trial']} |")
+    print(f"phases (mean s): {out['phases_mean_s']}")
+    print(f"every search ran its trials: {out['every_search_ran_its_trials']}; each domain selected among its own "
+          f"search: {selected_own}")
+    print(f"wrote {dest / f'sweep-{device}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
