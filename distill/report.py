@@ -1,5 +1,5 @@
 """Model selection (DomainBed's three methods) and the table: ``python -m distill.report SWEEP_DIR... [--out DIR]
-[--selection val|lodo|oracle] [--error se|std]``.
+[--selection val|lodo|oracle] [--error se|std] [--latex]``.
 
 Input: the rows the sweep driver wrote to ``<storage>/<sweep>/trials.jsonl``. Evaluation rows (``event: eval``, one
 per trial and evaluation step): ``val_acc`` = mean source-domain validation accuracy (``val_acc/<domain>`` per source
@@ -21,41 +21,39 @@ Per (test domain, seed):
   whose last evaluation has the best ``test_out_acc``; we report its ``test_acc``. It looks at the test domain, so it
   is not a model-selection method: it is printed apart, labelled, to show the selection gap.
 
-Ties go to the earlier trial, then the earlier step. Each cell is the mean over seeds ± the standard error
-(std/sqrt(n), DomainBed's; ``--error std``: the sample std); Avg is the mean over test domains, its error that of the
-per-seed averages. When a sweep searched ``method.name``, every method is selected on its own trials and, in the last
-row, over all of them. Several sweep dirs are put side by side (one row per method and sweep).
+Ties (all three) go to the earlier trial, then the earlier step; "earlier trial" is the sweep's creation order: the
+rows' ``trial_index`` where they carry it, else the counter at the end of the Tune trial id (``selection.py``). Each
+cell is the mean over seeds ± the standard error (std/sqrt(n), DomainBed's; ``--error std``: the sample std); Avg is
+the mean over test domains, its error that of the per-seed averages. When a sweep searched ``method.name``, every
+method is selected on its own trials and, in the last row, over all of them. Several sweep dirs are put side by side
+(one row per method and sweep). The selection gap is the oracle's mean minus training-domain validation's, per test
+domain and Avg. A sweep's ``teacher.json`` (``{"teacher", "zero_shot": {domain: accuracy}, "prompts", "chance"}``)
+adds the teacher's zero-shot row and the chance level; without it the chance level comes from plan.json's dataset
+when it can be known.
+
+Files (``write``): results.md (the tables, the gap, the selected (trial, step)s), results.csv (the table: one line per
+(selection, method row)), selections.csv (one line per selected (trial, step)), results.json (everything), results.tex
+(the tables in LaTeX). Rendering: ``distill.report_render``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
-from .selection import (ERRORS, LODO_DIR, LODO_EVENT, LODO_METRIC, ORACLE_METRIC, REPORTED, SELECTION_METRIC,  # noqa: F401
-                        SELECTIONS, _json, _value, dedupe, dedupe_lodo, last_rows, load_events, load_lodo_rows,
-                        load_rows, lodo_candidates, lodo_index, read_jsonl, select, select_cell, selectable,
-                        source_domains, trial_order)
-
-CLI_SELECTIONS = {"val": "validation", "lodo": "lodo", "oracle": "oracle"}  # --selection -> key of SELECTIONS
-TITLES = {
-    "validation": "Training-domain validation: the (trial, step) with the best source-domain validation accuracy "
-                  "(DomainBed's training-domain validation)",
-    "lodo": "Leave-one-domain-out validation: the (trial, step) with the best mean accuracy on each source domain "
-            "when that domain is also held out of training (DomainBed's leave-one-domain-out validation)",
-    "oracle": "ORACLE, selected on the test domain (each trial's last evaluation; the trial whose last evaluation is "
-              "the most accurate on the test domain's held-out 20%, DomainBed's test-domain validation): not a valid "
-              "model selection, shown to expose the selection gap",
-}
-NO_LODO = "no leave-one-domain-out runs (`search.lodo: true` produces them)"
-LODO_RULE = ("Candidates: the (trial, step)s with a leave-one-domain-out run for every source domain; a cell without "
-             "any is empty.")
+from .report_render import (CLI_SELECTIONS, GAP_TITLE, LATEX_NAMES, LODO_RULE, NO_LODO,  # noqa: F401
+                             SELECTED_TITLES, SELECTION_FIELDS, TITLES, latex_table, lodo_note, render_csv,
+                             render_latex, render_markdown, render_selections_csv, render_text, table_fields,
+                             teacher_note, tex)
+from .selection import (ERRORS, LODO_DIR, LODO_EVENT, LODO_METRIC, ORACLE_METRIC, REPORTED,  # noqa: F401
+                        SELECTION_METRIC, SELECTIONS, TEACHER_FILE, TRIAL_INDEX, _json, _value, creation_order, dedupe,
+                        dedupe_lodo, last_rows, load_events, load_lodo_rows, load_rows, load_teacher, lodo_candidates,
+                        lodo_index, normalise_teacher, plan_chance, read_jsonl, select, select_cell, selectable,
+                        source_domains, trial_index, trial_order)
 
 
 def _stats(values: list[float], error: str = "se") -> dict:
@@ -85,10 +83,12 @@ def _groups(rows: list[dict], sweep: str, methods: list[str], searched: bool) ->
 
 def build(sweeps: list[dict], error: str = "se", selection: str = "validation") -> dict:
     """sweeps: [{"name", "rows", "lodo" (lodo rows, optional), "plan" (plan.json or {}), "runs" ({train run: MLflow
-    run id}), "events"}]. `error`: the error bar (a key of ERRORS); `selection`: the main table (a key of
-    SELECTIONS), recorded for the renderers.
+    run id}), "events", "teacher" (teacher.json or None, optional)}]. `error`: the error bar (a key of ERRORS);
+    `selection`: the main table (a key of SELECTIONS), recorded for the renderers.
 
-    Returns the three selections and their tables (accuracies as fractions)."""
+    Returns (accuracies as fractions) `table` and `selected` per selection, `gap` (oracle minus validation per method
+    row, domain and Avg), `teacher` (a list: one entry per distinct teacher.json, see `_teachers`), `chance`
+    (1/#classes or None), the domains, seeds, groups, counts and failures."""
     if error not in ERRORS:
         raise ValueError(f"unknown error kind {error!r}; one of {sorted(ERRORS)}")
     if selection not in SELECTIONS:
@@ -135,7 +135,8 @@ def build(sweeps: list[dict], error: str = "se", selection: str = "validation") 
                 accs.setdefault(domain, {})[seed] = float(best[REPORTED])
                 selected[sel_name].append({
                     "method_group": g["label"], "sweep": g["sweep"], "test_domain": domain, "seed": seed,
-                    "selection_metric": metric, "trial_id": best.get("trial_id"), "step": best.get("step"),
+                    "selection_metric": metric, "trial_id": best.get("trial_id"),
+                    "trial_index": trial_index(best), "step": best.get("step"),
                     "method": best.get("method"), "params": best.get("params") or {},
                     "val_acc": best.get(SELECTION_METRIC), "test_acc": best.get(REPORTED),
                     "test_out_acc": best.get(ORACLE_METRIC),
@@ -144,7 +145,8 @@ def build(sweeps: list[dict], error: str = "se", selection: str = "validation") 
                     "eval_model": best.get("eval_model"), "stage": best.get("stage"), "final": best.get("final"),
                     "checkpoint_path": best.get("checkpoint_path"),
                     "train_run": best.get("train_run"), "mlflow_run_id": g["runs"].get(best.get("train_run"))})
-            cells = {d: {**_stats(list(accs[d].values()), error), "seeds": accs[d]} for d in domains if d in accs}
+            cells = {d: {**_stats(list(accs[d].values()), error), "seeds": accs[d]}
+                     for d in domains if d in accs}
             avg = _stats([], error)
             if cells and all(d in cells for d in domains):
                 common = set.intersection(*(set(c["seeds"]) for c in cells.values()))
@@ -152,6 +154,7 @@ def build(sweeps: list[dict], error: str = "se", selection: str = "validation") 
                 avg = {**_stats(per_seed, error), "mean": statistics.fmean(c["mean"] for c in cells.values())}
             table[sel_name].append({"method": g["label"], "sweep": g["sweep"], "overall": g["overall"],
                                     "domains": cells, "avg": avg})
+    teachers, chance = _teachers(sweeps, domains)
     trials = {(sw["name"], r.get("search"), r.get("trial_id")) for sw in sweeps for r in sw["rows"]}
     events = [e for sw in sweeps for e in sw.get("events") or []]
     return {
@@ -160,7 +163,7 @@ def build(sweeps: list[dict], error: str = "se", selection: str = "validation") 
         "reported": REPORTED, "selection_metrics": dict(SELECTIONS), "main_selection": selection,
         "error": error, "error_name": ERRORS[error],
         "groups": [{k: v for k, v in g.items() if k not in ("rows", "runs", "lodo_index")} for g in groups],
-        "table": table, "selected": selected,
+        "table": table, "selected": selected, "gap": _gap(table), "teacher": teachers, "chance": chance,
         "lodo_rows": {sw["name"]: len(sw.get("lodo") or []) for sw in sweeps},
         "counts": {"trials": len(trials), "rows": sum(len(sw["rows"]) for sw in sweeps),
                    "lodo_rows": sum(len(sw.get("lodo") or []) for sw in sweeps),
@@ -171,6 +174,51 @@ def build(sweeps: list[dict], error: str = "se", selection: str = "validation") 
     }
 
 
+def _gap(table: dict[str, list]) -> list[dict]:
+    """Per method row: the oracle's mean minus training-domain validation's, per test domain both have and for Avg
+    (None where either is missing). Fractions."""
+    out = []
+    for val in table["validation"]:
+        orc = next(r for r in table["oracle"] if r["method"] == val["method"])
+        doms = {d: orc["domains"][d]["mean"] - c["mean"] for d, c in val["domains"].items() if d in orc["domains"]}
+        avg = (orc["avg"]["mean"] - val["avg"]["mean"]
+               if orc["avg"]["mean"] is not None and val["avg"]["mean"] is not None else None)
+        out.append({"method": val["method"], "sweep": val["sweep"], "overall": val["overall"], "domains": doms,
+                    "avg": avg})
+    return out
+
+
+def _teachers(sweeps: list[dict], domains: list[str]) -> tuple[list[dict], float | None]:
+    """The sweeps' teachers (one entry per distinct teacher.json content, naming its sweeps), each with `label`
+    ("teacher (zero-shot)", the sweeps in brackets when several differ), `teacher`, `prompts`, `zero_shot`
+    ({domain: accuracy}) and `mean` (over the table's test domains, None unless it has them all); and the chance
+    level: teacher.json's `chance`, else 1/#classes of plan.json's dataset; None when unknown or when the sweeps
+    disagree."""
+    teachers: list[dict] = []
+    chances = set()
+    for sw in sweeps:
+        t = normalise_teacher(sw.get("teacher"))
+        chance = (t or {}).get("chance") or plan_chance(sw.get("plan") or {})
+        if chance is not None:
+            chances.add(round(chance, 12))
+        if not t:
+            continue
+        same = next((e for e in teachers if (e["teacher"], e["prompts"], e["zero_shot"])
+                     == (t.get("teacher"), t.get("prompts"), t["zero_shot"])), None)
+        if same:
+            same["sweeps"].append(sw["name"])
+            continue
+        ds = domains or list(t["zero_shot"])
+        mean = statistics.fmean(t["zero_shot"][d] for d in ds) if ds and all(d in t["zero_shot"] for d in ds) \
+            else None
+        teachers.append({"label": "teacher (zero-shot)", "teacher": t.get("teacher"), "prompts": t.get("prompts"),
+                         "zero_shot": t["zero_shot"], "mean": mean, "sweeps": [sw["name"]]})
+    if len(teachers) > 1:
+        for e in teachers:
+            e["label"] = f"teacher (zero-shot) [{', '.join(e['sweeps'])}]"
+    return teachers, (chances.pop() if len(chances) == 1 else None)
+
+
 def load_sweep(path: str | Path) -> dict:
     path = Path(path)
     if not (path / "trials.jsonl").is_file():
@@ -178,7 +226,7 @@ def load_sweep(path: str | Path) -> dict:
     plan = _json(path / "plan.json")
     raw = read_jsonl(path / "trials.jsonl")
     return {"name": plan.get("sweep") or path.name, "rows": dedupe(raw), "lodo": load_lodo_rows(path), "plan": plan,
-            "runs": _json(path / "runs.json"), "events": load_events(path)}
+            "runs": _json(path / "runs.json"), "events": load_events(path), "teacher": load_teacher(path)}
 
 
 def build_from_dirs(paths: Iterable[str | Path], error: str = "se", selection: str = "validation") -> dict:
@@ -200,130 +248,17 @@ def table_row(results: dict, selection: str, label: str | None) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def _pct(cell: dict | None, error: str = "se") -> str:
-    if not cell or cell.get("mean") is None:
-        return "–"
-    text = f"{100 * cell['mean']:.1f}"
-    err = cell.get(error)
-    return text + (f" ± {100 * err:.1f}" if err is not None else "")
-
-
-def _error_phrase(results: dict) -> str:
-    """E.g. "mean ± standard error over 3 seeds [0, 1, 2]"; names the error bar even with one seed (no ± then)."""
-    n = len(results["seeds"])
-    name = ERRORS[results.get("error", "se")]
-    return (f"mean ± {name} over {n} seed{'s' if n != 1 else ''} {results['seeds']}"
-            + (", so no ±" if n == 1 else "") + "; Avg = mean over test domains")
-
-
-def _md_table(results: dict, selection: str) -> list[str]:
-    domains = results["domains"]
-    error = results.get("error", "se")
-    lines = ["| Method | " + " | ".join(domains) + " | Avg |", "|---" * (len(domains) + 2) + "|"]
-    for row in results["table"][selection]:
-        label = row["method"] + (" (oracle)" if selection == "oracle" else "")
-        lines.append(f"| {label} | " + " | ".join(_pct(row["domains"].get(d), error) for d in domains)
-                     + f" | {_pct(row['avg'], error)} |")
-    return lines
-
-
-def _order(results: dict, selection: str | None) -> list[str]:
-    main = selection or results.get("main_selection") or "validation"
-    if main not in SELECTIONS:
-        main = CLI_SELECTIONS.get(main, main)
-    if main not in SELECTIONS:
-        raise ValueError(f"unknown selection {selection!r}; one of {sorted(CLI_SELECTIONS)}")
-    return [main, *(s for s in SELECTIONS if s != main)]
-
-
-def lodo_note(results: dict) -> str | None:
-    """Which sweeps have no leave-one-domain-out rows (None when every sweep has some)."""
-    without = [name for name, n in (results.get("lodo_rows") or {}).items() if not n]
-    if not without:
-        return None
-    if len(results["sweeps"]) == 1:
-        return f"The sweep has {NO_LODO}: its leave-one-domain-out cells are empty."
-    return (f"{'Sweep' if len(without) == 1 else 'Sweeps'} {', '.join(without)}: {NO_LODO}; "
-            f"{'its' if len(without) == 1 else 'their'} leave-one-domain-out cells are empty.")
-
-
-def render_text(results: dict, selection: str | None = None) -> str:
-    """The three tables as markdown: `selection` (default: the results' main selection, else validation) first."""
-    counts = results["counts"]
-    out = [f"## {', '.join(results['sweeps'])}: test-domain accuracy (%), leave-one-domain-out", "",
-           f"{counts['trials']} trials, {counts['rows']} evaluation rows"
-           + (f", {counts['lodo_rows']} leave-one-domain-out rows" if counts.get("lodo_rows") else "")
-           + (f", {counts['early_stopped']} stopped early (ASHA)" if counts.get("early_stopped") else "")
-           + (f", {counts['failed']} failed" if counts.get("failed") else "")
-           + f"; {_error_phrase(results)}."]
-    for i, sel in enumerate(_order(results, selection)):
-        out += ["", f"**{'Main table. ' if i == 0 else ''}{TITLES[sel]}**",
-                f"Test-domain accuracy (%), {_error_phrase(results)}.", ""]
-        if sel == "lodo":
-            out += [LODO_RULE + (f" {lodo_note(results)}" if lodo_note(results) else ""), ""]
-        out += _md_table(results, sel)
-    return "\n".join(out)
-
-
-def _fmt(v: Any) -> str:
-    return f"{100 * v:.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
-
-
-SELECTED_TITLES = {"validation": "training-domain validation (best val_acc)",
-                   "lodo": "leave-one-domain-out validation (best mean lodo_acc)",
-                   "oracle": "ORACLE (each trial's last step; best test_out_acc)"}
-
-
-def render_markdown(results: dict, selection: str | None = None) -> str:
-    lines = [render_text(results, selection)]
-    for sel in _order(results, selection):
-        sels = results["selected"][sel]
-        lines += ["", f"### Selected (trial, step) per test domain and seed: {SELECTED_TITLES[sel]}", ""]
-        if not sels:
-            lines.append("None" + (f": {lodo_note(results)}" if sel == "lodo" and lodo_note(results) else "."))
-            continue
-        lines += ["| Method | Test domain | Seed | Trial | Step | val_acc | lodo_acc | test_acc | test_out_acc "
-                  "| Params |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for s in sels:
-            params = ", ".join(f"{k}={_short(v)}" for k, v in (s["params"] or {}).items()) or "–"
-            lines.append(f"| {s['method_group']} | {s['test_domain']} | {s['seed']} | {s['trial_id']} "
-                         f"| {s['step']} | {_fmt(s['val_acc'])} | {_fmt(s.get(LODO_METRIC))} "
-                         f"| {_fmt(s['test_acc'])} | {_fmt(s['test_out_acc'])} | {params} |")
-    if results.get("failures"):
-        lines += ["", "### Failed trials", ""]
-        lines += [f"- {f['search']} / {f['trial_id']} ({f['method']}): {f['error']}" for f in results["failures"]]
-    return "\n".join(lines) + "\n"
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-CSV_FIELDS = ["selection", "method_group", "sweep", "test_domain", "seed", "trial_id", "step", "method",
-              "val_acc", "test_acc", "test_out_acc", "params", "checkpoint_path", "train_run", "mlflow_run_id"]
-
-
-def render_csv(results: dict) -> str:
-    """One line per selected (trial, step): selection (validation / lodo / oracle), method row, test domain, seed,
-    ..."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
-    w.writeheader()
-    for selection, sels in results["selected"].items():
-        for s in sels:
-            w.writerow({**{k: s.get(k) for k in CSV_FIELDS}, "selection": selection,
-                        "params": json.dumps(s.get("params") or {}, sort_keys=True)})
-    return buf.getvalue()
-
-
 def write(results: dict, out_dir: str | Path, selection: str | None = None) -> list[Path]:
+    """results.md, results.csv (the table), selections.csv (the selected (trial, step)s), results.json, results.tex."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.md", out_dir / "results.csv", out_dir / "results.json"]
-    paths[0].write_text(render_markdown(results, selection))
-    paths[1].write_text(render_csv(results))
-    paths[2].write_text(json.dumps(results, indent=2, default=str))
-    return paths
+    texts = {"results.md": render_markdown(results, selection), "results.csv": render_csv(results),
+             "selections.csv": render_selections_csv(results),
+             "results.json": json.dumps(results, indent=2, default=str),
+             "results.tex": render_latex(results, selection)}
+    for name, text in texts.items():
+        (out_dir / name).write_text(text)
+    return [out_dir / name for name in texts]
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
@@ -331,14 +266,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", metavar="SWEEP_DIR", help="<storage>/<sweep name> of finished or "
                                                                       "running sweeps (methods side by side)")
-    parser.add_argument("--out", metavar="DIR", help="write results.md/csv/json and plots/ there")
+    parser.add_argument("--out", metavar="DIR", help="write results.md, results.csv (the table), selections.csv, "
+                                                     "results.json, results.tex and plots/ there")
     parser.add_argument("--selection", choices=list(CLI_SELECTIONS), default="val",
                         help="the main table, printed first: training-domain validation (val, default), "
                              "leave-one-domain-out validation (lodo) or the test-domain oracle (oracle); "
-                             "results.md/json/csv hold all three")
+                             "the files hold all three")
     parser.add_argument("--error", choices=list(ERRORS), default="se",
                         help="the ± over seeds: standard error std/sqrt(n) (se, default, DomainBed's) or the "
                              "sample std (std)")
+    parser.add_argument("--latex", action="store_true",
+                        help="also print the tables as LaTeX (DomainBed's collect_results.py --latex: booktabs, one "
+                             "table per selection); --out writes results.tex either way")
     args = parser.parse_args(argv)
     try:
         results = build_from_dirs(args.paths, error=args.error, selection=CLI_SELECTIONS[args.selection])
@@ -346,13 +285,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(render_text(results))
+    if args.latex:
+        print("\n" + render_latex(results), end="")
     if args.out:
         from . import plots
 
         rows = [r for p in args.paths for r in load_rows(p)]
         write(results, args.out)
         plots.make_all(results, rows, Path(args.out) / "plots")
-        print(f"\nwrote {args.out}/results.md, results.csv, results.json, plots/")
+        print(f"\nwrote {args.out}/results.md, results.csv, selections.csv, results.json, results.tex, plots/")
     return 0
 
 

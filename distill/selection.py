@@ -2,8 +2,12 @@
 test-domain oracle), as data-in, row-out functions: ``distill.report`` builds the tables from them, ``distill.plots``
 marks the selected points with them.
 
-Ties go to the earlier trial (Tune's creation order), then the earlier step; a row with ``selectable: false`` (an
-evaluation that is not the trial's model) is never selected by validation; the oracle takes each trial's last row.
+Every rule picks the row with the highest metric; ties go to the earlier trial, then the earlier step. "Earlier
+trial" is the order in which the sweep created its trials (``creation_order``): the rows' ``trial_index`` (an integer
+the sweep driver numbers its trials with, across searches) where they carry it, else the creation counter at the end
+of Tune's trial id (``trial_order``); rows with a ``trial_index`` come before rows without. A row with
+``selectable: false`` (an evaluation that is not the trial's model) is never selected by validation or
+leave-one-domain-out; the oracle takes each trial's last row.
 """
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 SELECTION_METRIC = "val_acc"
 LODO_METRIC = "lodo_acc"
 ORACLE_METRIC = "test_out_acc"
 REPORTED = "test_acc"
 LODO_EVENT = "lodo"   # the `event` of a leave-one-domain-out row
+TRIAL_INDEX = "trial_index"   # optional: the order in which the sweep created the trial (0, 1, ...; across searches)
 SELECTIONS = {"validation": SELECTION_METRIC, "lodo": LODO_METRIC, "oracle": ORACLE_METRIC}
 ERRORS = {"se": "standard error", "std": "std"}   # the error bars a table may show (DomainBed: se)
 
@@ -49,16 +54,31 @@ def trial_order(trial_id: str) -> tuple:
     return (int(tail), head) if tail.isdigit() else (math.inf, str(trial_id))
 
 
+def trial_index(row: dict) -> int | None:
+    """The row's `trial_index` (an integer; a bool, a float or a string is not one), else None."""
+    v = row.get(TRIAL_INDEX)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def creation_order(row: dict) -> tuple:
+    """The sort key of "the earlier trial": (0, trial_index, trial_order) where the row carries a `trial_index`, else
+    (1, 0, trial_order(trial_id)); so `trial_index` decides where present and Tune's id counter otherwise."""
+    index = trial_index(row)
+    return (0, index, trial_order(row.get("trial_id"))) if index is not None else \
+        (1, 0, trial_order(row.get("trial_id")))
+
+
 def dedupe(rows: Iterable[dict]) -> list[dict]:
     """Evaluation rows, one per (search, trial, step): a trial resumed from a checkpoint may report a step again;
-    the last report wins. Other events (`end`, `lodo`) are left out. Sorted by search, trial creation order, step."""
+    the last report wins. Other events (`end`, `lodo`) are left out. Sorted by sweep, search, trial creation order
+    (`creation_order`), step."""
     out: dict[tuple, dict] = {}
     for row in rows:
         if row.get("event", "eval") != "eval" or row.get("step") is None:
             continue
         out[(row.get("sweep"), row.get("search"), row.get("trial_id"), row.get("step"))] = row
     return sorted(out.values(), key=lambda r: (str(r.get("sweep")), str(r.get("search")),
-                                                trial_order(r.get("trial_id")), r.get("step")))
+                                                creation_order(r), r.get("step")))
 
 
 def dedupe_lodo(rows: Iterable[dict]) -> list[dict]:
@@ -70,7 +90,7 @@ def dedupe_lodo(rows: Iterable[dict]) -> list[dict]:
             continue
         out[(row.get("sweep"), row.get("search"), row.get("trial_id"), row.get("step"), row.get("lodo_domain"))] = row
     return sorted(out.values(), key=lambda r: (str(r.get("sweep")), str(r.get("search")),
-                                                trial_order(r.get("trial_id")), r.get("step"),
+                                                creation_order(r), r.get("step"),
                                                 str(r.get("lodo_domain"))))
 
 
@@ -111,6 +131,46 @@ def _json(path: Path) -> dict:
         return {}
 
 
+TEACHER_FILE = "teacher.json"   # {"teacher", "zero_shot": {held-out domain: accuracy}, "prompts", "chance"}
+
+
+def _fraction(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def load_teacher(sweep_dir: str | Path) -> dict | None:
+    """The sweep's teacher.json (the sweep driver writes it): {"teacher": id, "zero_shot": {domain: accuracy as a
+    fraction}, "prompts": text, "chance": 1/#classes}; None without one. Non-numeric accuracies are left out."""
+    return normalise_teacher(_json(Path(sweep_dir) / TEACHER_FILE))
+
+
+def normalise_teacher(data: dict | None) -> dict | None:
+    """teacher.json's content with its accuracies checked (finite numbers) and `chance` in (0, 1] or None."""
+    if not isinstance(data, dict) or not data:
+        return None
+    zero_shot = data.get("zero_shot") if isinstance(data.get("zero_shot"), dict) else {}
+    chance = _fraction(data.get("chance"))
+    return {"teacher": data.get("teacher"), "prompts": data.get("prompts"),
+            "zero_shot": {str(d): a for d, a in ((d, _fraction(a)) for d, a in zero_shot.items()) if a is not None},
+            "chance": chance if chance is not None and 0 < chance <= 1 else None}
+
+
+def plan_chance(plan: dict) -> float | None:
+    """1/#classes of the dataset in plan.json's `base_config` (a registered dataset, or `folder` with its root
+    present); None when it cannot be known (no base_config, an unknown name, a root that does not match)."""
+    dataset = ((plan or {}).get("base_config") or {}).get("dataset") or {}
+    if not isinstance(dataset, dict) or not dataset.get("name"):
+        return None
+    try:
+        # imports torch (via distill.data): only when a plan names a dataset and no teacher.json gave the chance
+        from .data.registry import get_spec
+
+        n = len(get_spec(dataset["name"], dataset.get("root")).classes)
+    except Exception:   # noqa: BLE001  (an unknown dataset, an unreadable root: no chance level)
+        return None
+    return 1.0 / n if n else None
+
+
 # ----------------------------------------------------------------------------------------------------- selection
 def _value(row: dict, metric: str) -> float | None:
     v = row.get(metric)
@@ -125,13 +185,14 @@ def selectable(row: dict) -> bool:
 
 
 def select(rows: Iterable[dict], metric: str = SELECTION_METRIC) -> dict | None:
-    """The row with the highest `metric`; ties: the earlier trial, then the earlier step."""
+    """The row with the highest finite `metric`. Ties: the earlier trial (`creation_order`: `trial_index` where the
+    rows carry it, else the counter of the Tune trial id), then the earlier step. None when no row has the metric."""
     best, best_key = None, None
     for row in rows:
         v = _value(row, metric)
         if v is None:
             continue
-        key = (-v, trial_order(row.get("trial_id")), row.get("step"))
+        key = (-v, creation_order(row), row.get("step"))
         if best_key is None or key < best_key:
             best, best_key = row, key
     return best
@@ -189,7 +250,14 @@ def lodo_candidates(rows: list[dict], index: dict[tuple, dict[str, dict]]) -> li
 
 
 def select_cell(selection: str, rows: list[dict], index: dict[tuple, dict[str, dict]] | None = None) -> dict | None:
-    """The selected row of one (test domain, seed) under `selection` (a key of SELECTIONS)."""
+    """The selected row of one (test domain, seed) under `selection` (a key of SELECTIONS):
+
+    - validation: among selectable rows, the highest `val_acc`;
+    - oracle: among each trial's last row (its highest step, selectable or not), the highest `test_out_acc`;
+    - lodo: among selectable rows with a selectable leave-one-domain-out row for every source domain, the highest
+      mean `lodo_acc`.
+
+    Ties (all three): the earlier trial in creation order (`creation_order`), then the earlier step."""
     if selection == "validation":
         return select([r for r in rows if selectable(r)], SELECTION_METRIC)
     if selection == "oracle":

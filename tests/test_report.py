@@ -146,10 +146,17 @@ def test_write_files_and_cli_puts_sweeps_side_by_side(tmp_path, capsys):
     assert "ORACLE" in printed and "| kd (oracle) |" in printed
     md = (out / "results.md").read_text()
     assert "FloatingPointError" in md and "1 failed" in md
-    with open(out / "results.csv") as f:
+    with open(out / "selections.csv") as f:
         lines = list(csv.DictReader(f))
     assert {(r["selection"], r["method_group"], r["test_domain"]) for r in lines} == {  # no lodo rows: none selected
         (s, m, d) for s in ("validation", "oracle") for m in ("erm", "kd") for d in ("photo", "sketch")}
+    with open(out / "results.csv") as f:   # the table: one line per (selection, method row), then the gap
+        table = [(r["selection"], r["method"], r["sweep"], r["photo_mean"], r["avg_mean"]) for r in csv.DictReader(f)]
+    assert table == [("validation", "erm", "sw-erm", "0.5", "0.5"), ("validation", "kd", "sw-kd", "0.7", "0.7"),
+                     ("lodo", "erm", "sw-erm", "", ""), ("lodo", "kd", "sw-kd", "", ""),
+                     ("oracle", "erm", "sw-erm", "0.5", "0.5"), ("oracle", "kd", "sw-kd", "0.7", "0.7"),
+                     ("gap", "erm", "sw-erm", "0.0", "0.0"), ("gap", "kd", "sw-kd", "0.0", "0.0")]
+    assert "\\begin{tabular}" in (out / "results.tex").read_text()
     data = json.loads((out / "results.json").read_text())
     assert data["sweeps"] == ["sw-erm", "sw-kd"]
     assert all(s["checkpoint_path"] and s["step"] == 5 for s in data["selected"]["validation"])
@@ -392,11 +399,320 @@ def test_cli_selection_and_error_flags_change_what_is_printed_and_files_hold_all
     assert [(s["trial_id"], s["seed"]) for s in data["selected"]["lodo"]] == [("abcde_00001", 0), ("abcde_00001", 1)]
     assert [(s["trial_id"], s["seed"]) for s in data["selected"]["oracle"]] == [("abcde_00002", 0),
                                                                                  ("abcde_00002", 1)]
-    with open(out / "results.csv") as f:
+    with open(out / "selections.csv") as f:
         lines = list(csv.DictReader(f))
-    assert [(r["selection"], r["trial_id"], r["seed"]) for r in lines] == [
-        ("validation", "abcde_00000", "0"), ("validation", "abcde_00000", "1"),
-        ("lodo", "abcde_00001", "0"), ("lodo", "abcde_00001", "1"),
-        ("oracle", "abcde_00002", "0"), ("oracle", "abcde_00002", "1")]
-    assert list(lines[0]) == report.CSV_FIELDS
+    assert [(r["selection"], r["trial_id"], r["seed"], r["step"], r["test_acc"], r["lodo_acc"]) for r in lines] == [
+        ("validation", "abcde_00000", "0", "5", "0.4", ""), ("validation", "abcde_00000", "1", "5", "0.5", ""),
+        ("lodo", "abcde_00001", "0", "5", "0.6", "0.7"), ("lodo", "abcde_00001", "1", "5", "0.8", "0.7"),
+        ("oracle", "abcde_00002", "0", "5", "0.95", ""), ("oracle", "abcde_00002", "1", "5", "0.95", "")]
+    assert list(lines[0]) == report.SELECTION_FIELDS
+    assert lines[0]["trial_index"] == "" and json.loads(lines[0]["params"]) == {"method.name": "erm"}
+    assert lines[0]["checkpoint_path"] == "/ckpt/0/5" and lines[0]["method_group"] == "erm"
+    # results.csv, the table (--error std): validation 0.40, 0.50 -> std sqrt(0.005); lodo 0.60, 0.80 -> std
+    # sqrt(0.02); oracle 0.95, 0.95 -> std 0; one domain, so Avg = photo; gap = 0.95 - 0.45 = 0.50
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["selection", "method", "sweep", "photo_mean", "photo_err", "avg_mean", "avg_err",
+                              "n_seeds", "error"]
+    expected = {"validation": (0.45, math.sqrt(0.005)), "lodo": (0.70, math.sqrt(0.02)), "oracle": (0.95, 0.0)}
+    for line in table[:3]:
+        mean, err = expected[line["selection"]]
+        assert (line["method"], line["sweep"], line["n_seeds"], line["error"]) == ("erm", "sw", "2", "std")
+        for k in ("photo", "avg"):
+            assert float(line[f"{k}_mean"]) == pytest.approx(mean, abs=1e-6)   # rounded to 6 decimals
+            assert float(line[f"{k}_err"]) == pytest.approx(err, abs=1e-6)
+    assert [line["selection"] for line in table] == ["validation", "lodo", "oracle", "gap"]
+    gap = table[3]
+    assert float(gap["photo_mean"]) == pytest.approx(0.50) and float(gap["avg_mean"]) == pytest.approx(0.50)
+    assert gap["photo_err"] == gap["avg_err"] == gap["n_seeds"] == gap["error"] == ""
     assert (out / "plots" / "accuracy.png").stat().st_size > 1000
+
+
+# ------------------------------------------- the table as CSV and LaTeX, the selection gap, the teacher, plots, order
+def two_methods():
+    """photo and sketch held out, seeds 0 and 1, method.name searched: per search one erm trial (val 0.8) and one kd
+    trial (val 0.9, so the overall row's validation always picks kd). test_out = test, one step each."""
+    tests = {"erm": {("photo", 0): 0.60, ("photo", 1): 0.70, ("sketch", 0): 0.40, ("sketch", 1): 0.50},
+             "kd": {("photo", 0): 0.80, ("photo", 1): 0.90, ("sketch", 0): 0.20, ("sketch", 1): 0.30}}
+    rows = [row(trial, 5, 0.8 if m == "erm" else 0.9, a, domain=d, seed=s, method=m)
+            for trial, m in enumerate(("erm", "kd")) for (d, s), a in tests[m].items()]
+    return sweep(rows, domains=("photo", "sketch"), seeds=(0, 1), methods=["erm", "kd"], searched=True)
+
+
+def test_results_csv_is_the_table_one_line_per_selection_and_method_row():
+    results = report.build([two_methods()])
+    table = list(csv.DictReader(report.render_csv(results).splitlines()))
+    assert list(table[0]) == ["selection", "method", "sweep", "photo_mean", "photo_err", "sketch_mean", "sketch_err",
+                              "avg_mean", "avg_err", "n_seeds", "error"]
+    overall = "selected over erm/kd"
+    assert [(r["selection"], r["method"]) for r in table] == [
+        (s, m) for s in ("validation", "lodo", "oracle", "gap") for m in ("erm", "kd", overall)]
+    # by hand: erm photo 0.60, 0.70 -> mean 0.65, std sqrt(0.005), se = std / sqrt(2) = 0.05; sketch 0.45 ± 0.05;
+    # the per-seed averages 0.50, 0.60 -> Avg 0.55 ± 0.05. kd: 0.85, 0.25, Avg (0.50, 0.60) 0.55, all ± 0.05.
+    # The overall row's validation picks kd; its oracle picks kd on photo (0.85) and erm on sketch (0.45): per-seed
+    # averages (0.8 + 0.4) / 2 = 0.60 and (0.9 + 0.5) / 2 = 0.70 -> Avg 0.65 ± 0.05.
+    expected = {("validation", "erm"): (0.65, 0.45, 0.55), ("validation", "kd"): (0.85, 0.25, 0.55),
+                ("validation", overall): (0.85, 0.25, 0.55), ("oracle", "erm"): (0.65, 0.45, 0.55),
+                ("oracle", "kd"): (0.85, 0.25, 0.55), ("oracle", overall): (0.85, 0.45, 0.65)}
+    for line in table:
+        key = (line["selection"], line["method"])
+        if key in expected:
+            means = [float(line[f"{k}_mean"]) for k in ("photo", "sketch", "avg")]
+            assert means == pytest.approx(list(expected[key]))
+            assert [float(line[f"{k}_err"]) for k in ("photo", "sketch", "avg")] == pytest.approx([0.05] * 3)
+            assert (line["sweep"], line["n_seeds"], line["error"]) == ("sw", "2", "se")
+        elif line["selection"] == "lodo":   # no lodo rows: empty cells, no seeds
+            assert line["photo_mean"] == line["avg_mean"] == "" and line["n_seeds"] == "0"
+    # the selection gap, oracle minus validation: 0 for the per-method rows, (0, 0.20, 0.10) for the overall row
+    gaps = {line["method"]: [float(line[f"{k}_mean"]) for k in ("photo", "sketch", "avg")]
+            for line in table if line["selection"] == "gap"}
+    assert gaps == {"erm": pytest.approx([0, 0, 0]), "kd": pytest.approx([0, 0, 0]),
+                    overall: pytest.approx([0.0, 0.20, 0.10])}
+
+
+def test_selection_gap_in_json_and_markdown():
+    results = report.build([two_methods()])
+    gap = {g["method"]: g for g in results["gap"]}
+    overall = gap["selected over erm/kd"]
+    assert overall["domains"] == pytest.approx({"photo": 0.0, "sketch": 0.45 - 0.25})
+    assert overall["avg"] == pytest.approx(0.65 - 0.55) and overall["overall"] is True
+    assert gap["erm"]["avg"] == pytest.approx(0.0)
+    md = report.render_markdown(results)
+    assert "**Selection gap: oracle minus training-domain validation" in md
+    part = md[md.index("**Selection gap"):]
+    assert "| selected over erm/kd | +0.0 | +20.0 | +10.0 |" in part and "| erm | +0.0 | +0.0 | +0.0 |" in part
+    json.dumps(results)   # results.json holds it
+    # a missing validation cell: no gap for that domain, nor for Avg
+    only_oracle = report.build([sweep([{**row(0, 5, 0.9, 0.5), "selectable": False}])])
+    assert only_oracle["gap"] == [{"method": "erm", "sweep": "sw", "overall": True, "domains": {}, "avg": None}]
+
+
+def test_latex_tables_for_two_methods(tmp_path, capsys):
+    results = report.build([two_methods()])
+    tex = report.render_latex(results)
+    lines = tex.splitlines()
+    assert lines[:4] == ["\\documentclass{article}", "\\usepackage{booktabs}", "\\usepackage{adjustbox}",
+                         "\\begin{document}"] and lines[-1] == "\\end{document}"
+    for marker in ("\\begin{table}[ht]", "\\toprule", "\\midrule", "\\bottomrule", "\\end{tabular}}"):
+        assert tex.count(marker) == 3   # one table per selection, no teacher here
+    assert tex.count("\\begin{tabular}{lccc}") == 3
+    assert tex.count("\\textbf{Method} & \\textbf{photo} & \\textbf{sketch} & \\textbf{Avg} \\\\") == 3
+    captions = [ln for ln in lines if ln.startswith("\\caption{")]
+    assert [c[c.index("Model selection: "):].split(".")[0] for c in captions] == [
+        "Model selection: training-domain validation set", "Model selection: leave-one-domain-out cross-validation",
+        "Model selection: test-domain validation set (oracle)"]
+    assert all("Mean $\\pm$ standard error over 2 seeds" in c for c in captions)
+    validation = tex[:tex.index("\\end{table}")]
+    assert "erm & 65.0 $\\pm$ 5.0 & 45.0 $\\pm$ 5.0 & 55.0 $\\pm$ 5.0 \\\\" in validation
+    assert "kd & 85.0 $\\pm$ 5.0 & 25.0 $\\pm$ 5.0 & 55.0 $\\pm$ 5.0 \\\\" in validation
+    lodo_table = tex[tex.index("leave-one-domain-out cross-validation"):tex.index("(oracle)")]
+    assert "erm & X & X & X \\\\" in lodo_table   # DomainBed's X: no value
+    assert "selected over erm/kd (oracle) & 85.0 $\\pm$ 5.0 & 45.0 $\\pm$ 5.0 & 65.0 $\\pm$ 5.0 \\\\" in tex
+    assert "±" not in tex and "–" not in tex
+    # the main selection comes first; names are escaped; std named in the caption
+    std = report.build([two_methods()], error="std", selection="oracle")
+    tex = report.render_latex(std)
+    assert tex.index("(oracle)") < tex.index("training-domain validation set")
+    assert "Mean $\\pm$ std over 2 seeds" in tex and "65.0 $\\pm$ 7.1" in tex
+    assert report.tex("art_painting 50% & $x#") == "art\\_painting 50\\% \\& \\$x\\#"
+    # the CLI: --latex prints it, --out writes results.tex either way
+    d = tmp_path / "sw"
+    sw = two_methods()
+    _write_sweep(d, sw["rows"], sw["plan"])
+    assert report.main([str(d), "--latex"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("| Method |") < printed.index("\\begin{tabular}") and printed.count("\\begin{table}") == 3
+    assert report.main([str(d), "--out", str(tmp_path / "out")]) == 0
+    assert "\\begin{tabular}" not in capsys.readouterr().out
+    assert (tmp_path / "out" / "results.tex").read_text() == report.render_latex(report.build_from_dirs([d]))
+
+
+TEACHER = {"teacher": "clip-vit-b16", "zero_shot": {"photo": 0.80, "sketch": 0.60, "art": 0.9},
+           "prompts": "a {style} of a {class}", "chance": 0.2}
+
+
+def _legend(fig) -> dict[str, object]:
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    return dict(zip(labels, handles))
+
+
+def test_teacher_row_and_chance_in_markdown_json_latex_and_accuracy_plot(tmp_path):
+    from distill import plots
+
+    sw = two_methods()
+    d = tmp_path / "sw"
+    _write_sweep(d, sw["rows"], sw["plan"])
+    (d / "teacher.json").write_text(json.dumps(TEACHER))
+    out = tmp_path / "out"
+    assert report.main([str(d), "--out", str(out)]) == 0
+    md = (out / "results.md").read_text()
+    # its mean over the table's test domains (photo, sketch; art is not one): (0.80 + 0.60) / 2 = 0.70
+    assert md.count("| teacher (zero-shot) | 80.0 | 60.0 | 70.0 |") == 3   # in each selection's table
+    assert "Teacher (zero-shot): `clip-vit-b16`, prompts: a {style} of a {class}; chance level 20.0% (1/5 classes)." \
+        in md
+    data = json.loads((out / "results.json").read_text())
+    (t,) = data["teacher"]
+    assert (t["teacher"], t["prompts"], t["sweeps"], t["label"]) == ("clip-vit-b16", "a {style} of a {class}", ["sw"],
+                                                                     "teacher (zero-shot)")
+    assert t["zero_shot"] == {"photo": 0.80, "sketch": 0.60, "art": 0.9} and t["mean"] == pytest.approx(0.70)
+    assert data["chance"] == pytest.approx(0.2)
+    tex = (out / "results.tex").read_text()
+    assert tex.count("teacher (zero-shot) & 80.0 & 60.0 & 70.0 \\\\") == 3 and "Chance level 20.0\\%" in tex
+    with open(out / "results.csv") as f:
+        (zs,) = [r for r in csv.DictReader(f) if r["selection"] == "zero-shot"]
+    assert (zs["method"], zs["photo_mean"], zs["sketch_mean"], zs["photo_err"]) == ("teacher (zero-shot)", "0.8",
+                                                                                   "0.6", "")
+    assert float(zs["avg_mean"]) == pytest.approx(0.70)
+    assert (out / "plots" / "accuracy.png").stat().st_size > 1000
+    # the plot: a labelled line per domain and over Avg (the teacher), one across the plot (chance)
+    fig = plots.accuracy_figure(report.build_from_dirs([d]))
+    legend = _legend(fig)
+    assert "teacher (zero-shot): clip-vit-b16" in legend and "chance (20.0%)" in legend
+    teacher = [c for c in fig.axes[0].collections if c.get_label() == "teacher (zero-shot): clip-vit-b16"]
+    (segments,) = [c.get_segments() for c in teacher]
+    assert [round(float(s[0][1]), 6) for s in segments] == [80.0]
+    ys = sorted(round(float(seg[0][1]), 6) for c in fig.axes[0].collections for seg in c.get_segments()
+                if c.get_label() in ("", "_nolegend_") or c.get_label().startswith("_"))
+    assert {60.0, 70.0} <= set(ys)   # sketch and Avg, drawn without a second legend entry
+    chance = next(ln for ln in fig.axes[0].lines if ln.get_label() == "chance (20.0%)")
+    assert list(chance.get_ydata()) == [20.0, 20.0]
+    plots._plt().close(fig)
+
+
+def test_without_teacher_json_chance_comes_from_the_plans_dataset_or_is_left_out(tmp_path):
+    from distill import plots
+
+    sw = two_methods()
+    results = report.build([sw])
+    assert results["teacher"] == [] and results["chance"] is None
+    md = report.render_markdown(results)
+    assert "teacher (zero-shot)" not in md and "chance level" not in md
+    fig = plots.accuracy_figure(results)
+    assert not [k for k in _legend(fig) if k.startswith(("teacher", "chance"))]
+    plots._plt().close(fig)
+    # plan.json's base_config names PACS (7 classes)
+    pacs = {**sw, "plan": {**sw["plan"], "base_config": {"dataset": {"name": "PACS", "root": None}}}}
+    results = report.build([pacs])
+    assert results["chance"] == pytest.approx(1 / 7) and results["teacher"] == []
+    assert "Chance level 14.3% (1/7 classes)." in report.render_text(results)
+    fig = plots.accuracy_figure(results)
+    assert "chance (14.3%)" in _legend(fig)
+    plots._plt().close(fig)
+    out = tmp_path / "plots"
+    assert (out / "accuracy.png") in plots.make_all(results, pacs["rows"], out)
+    # an unknown dataset: no chance level
+    unknown = {**sw, "plan": {**sw["plan"], "base_config": {"dataset": {"name": "NoSuchSet"}}}}
+    assert report.build([unknown])["chance"] is None
+
+
+def test_one_colour_per_method_in_every_plot_and_only_the_overall_selection_circled(tmp_path):
+    from matplotlib.colors import to_rgb
+
+    from distill import plots
+
+    sw = two_methods()
+    rows = sw["rows"] + [row(2, 5, 0.85, 0.5, domain=d, seed=s, method="erm") for d in ("photo", "sketch")
+                         for s in (0, 1)]   # a second erm trial per search, so history.png is drawn
+    sw = {**sw, "rows": report.dedupe(rows)}
+    results = report.build([sw])
+    colours = plots.method_colours(results, rows)
+    assert list(colours) == ["erm", "kd"] and colours["erm"] != colours["kd"]
+    # accuracy.png: a method row's bars in its method's colour, the overall row's dark grey
+    fig = plots.accuracy_figure(results, colours)
+    bars = {c.get_label(): to_rgb(c.patches[0].get_facecolor()) for c in fig.axes[0].containers
+            if hasattr(c, "patches")}
+    assert bars["erm"] == bars["erm (oracle)"] == to_rgb(colours["erm"])
+    assert bars["kd"] == to_rgb(colours["kd"])
+    assert bars["selected over erm/kd"] == to_rgb(plots.OVERALL_COLOUR)
+    plots._plt().close(fig)
+    # val_vs_test.png: trial points coloured by method, the domain as marker; circled: the overall row's selection
+    # per (domain, seed) only: 2 domains x 2 seeds = 4 circles (not one per method row too)
+    fig = plots.val_vs_test_figure(results, rows, colours)
+    ax = fig.axes[0]
+    circled = [c for c in ax.collections if c.get_gid() == "selected"]
+    assert len(circled) == 4
+    overall = {(s["test_domain"], s["seed"]): (100 * s["val_acc"], 100 * s["test_acc"])
+               for s in results["selected"]["validation"] if s["method_group"] == "selected over erm/kd"}
+    def at(c):
+        return tuple(round(float(v), 6) for v in c.get_offsets()[0])
+
+    assert sorted(at(c) for c in circled) == sorted(tuple(round(v, 6) for v in xy) for xy in overall.values())
+    assert sorted(at(c) for c in circled) == [(90.0, 20.0), (90.0, 30.0), (90.0, 80.0), (90.0, 90.0)]  # kd's trials
+    points = [c for c in ax.collections if c.get_gid() != "selected"]
+    assert {to_rgb(c.get_facecolor()[0]) for c in points} == {to_rgb(colours["erm"]), to_rgb(colours["kd"])}
+    (kd,) = [c for c in points if at(c) == (90.0, 80.0)]   # kd, photo, seed 0
+    (erm,) = [c for c in points if at(c) == (80.0, 60.0)]   # erm's first trial, photo, seed 0
+    (erm_sketch,) = [c for c in points if at(c) == (80.0, 40.0)]   # erm's first trial, sketch, seed 0
+    assert to_rgb(kd.get_facecolor()[0]) == to_rgb(colours["kd"]) and to_rgb(erm.get_facecolor()[0]) == to_rgb(
+        colours["erm"])
+    # the marker is the domain's: erm and kd on photo share one, erm on sketch has another
+    assert kd.get_paths()[0].vertices.tobytes() == erm.get_paths()[0].vertices.tobytes()
+    assert erm.get_paths()[0].vertices.tobytes() != erm_sketch.get_paths()[0].vertices.tobytes()
+    legend = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert legend == {"photo", "sketch", "erm", "kd"}
+    plots._plt().close(fig)
+    # history.png: the points in their method's colour (per search: erm, kd, erm in creation order), the best-so-far
+    # line dark grey (each search has both methods)
+    fig = plots.history_figure(rows, colours, results["domains"])
+    ax = fig.axes[0]
+    assert len(ax.collections) == 4   # one per search
+    for c in ax.collections:
+        assert [to_rgb(f) for f in c.get_facecolors()] == [to_rgb(colours[m]) for m in ("erm", "kd", "erm")]
+    assert {to_rgb(ln.get_color()) for ln in ax.lines} == {to_rgb(plots.OVERALL_COLOUR)}
+    plots._plt().close(fig)
+    made = plots.make_all(results, rows, tmp_path / "plots")
+    assert [p.name for p in made] == ["accuracy.png", "val_vs_test.png", "history.png"]
+
+
+def test_trial_index_decides_the_earlier_trial_for_every_selection_and_the_history():
+    # trial abcde_00007 was created first (trial_index 0), abcde_00002 later (trial_index 5): a tie goes to 00007
+    first, later = {"trial_index": 0}, {"trial_index": 5}
+    rows = [{**main_row(7, 5, 0.8, 0.30), **first}, {**main_row(2, 5, 0.8, 0.60), **later}]
+    lodo_rows = [*lodo_all(7, 5, (0.5, 0.5, 0.5), trial_index=0), *lodo_all(2, 5, (0.5, 0.5, 0.5), trial_index=5)]
+    results = report.build([{**sweep(rows), "lodo": report.dedupe_lodo(lodo_rows)}])
+    for selection in ("validation", "lodo"):   # equal val_acc, equal mean lodo_acc (0.5)
+        (sel,) = results["selected"][selection]
+        assert (sel["trial_id"], sel["trial_index"], sel["test_acc"]) == ("abcde_00007", 0, 0.30), selection
+    # the oracle: equal test_out_acc on both trials' last rows
+    tie = [{**row(7, 5, 0.8, 0.30, test_out=0.5), **first}, {**row(2, 5, 0.8, 0.60, test_out=0.5), **later}]
+    (orc,) = report.build([sweep(tie)])["selected"]["oracle"]
+    assert (orc["trial_id"], orc["test_acc"]) == ("abcde_00007", 0.30)
+    # without trial_index: Tune's id counter, 00002 before 00007
+    plain = [row(7, 5, 0.8, 0.30, test_out=0.5), row(2, 5, 0.8, 0.60, test_out=0.5)]
+    res = report.build([sweep(plain)])
+    assert res["selected"]["validation"][0]["trial_id"] == res["selected"]["oracle"][0]["trial_id"] == "abcde_00002"
+    assert res["selected"]["validation"][0]["trial_index"] is None
+    plain_lodo = [*lodo_all(7, 5, (0.5, 0.5, 0.5)), *lodo_all(2, 5, (0.5, 0.5, 0.5))]
+    res = report.build([{**sweep([main_row(7, 5, 0.8, 0.3), main_row(2, 5, 0.8, 0.6)]),
+                         "lodo": report.dedupe_lodo(plain_lodo)}])
+    assert res["selected"]["lodo"][0]["trial_id"] == "abcde_00002"
+    # a bool or a string is not a trial_index
+    assert report.trial_index({"trial_index": True}) is None and report.trial_index({"trial_index": "3"}) is None
+    # the rows' order and the history's x order follow trial_index
+    from distill import plots
+
+    hist = [{**row(9, 5, 0.5, 0.1), "trial_index": 1}, {**row(3, 5, 0.7, 0.1), "trial_index": 2},
+            {**row(1, 5, 0.6, 0.1), "trial_index": 3}, {**row(1, 10, 0.65, 0.1), "trial_index": 3}]
+    assert [(r["trial_id"], r["step"]) for r in report.dedupe(hist)] == [
+        ("abcde_00009", 5), ("abcde_00003", 5), ("abcde_00001", 5), ("abcde_00001", 10)]
+    (series,) = plots.history_series(report.dedupe(hist)).values()
+    assert [(t["trial_id"], t["value"]) for t in series] == [("abcde_00009", 0.5), ("abcde_00003", 0.7),
+                                                            ("abcde_00001", 0.65)]
+    (series,) = plots.history_series([{k: v for k, v in r.items() if k != "trial_index"} for r in hist]).values()
+    assert [t["trial_id"] for t in series] == ["abcde_00001", "abcde_00003", "abcde_00009"]
+
+
+def test_selections_csv_and_json_carry_the_trial_index(tmp_path):
+    rows = [{**row(4, 5, 0.9, 0.5), "trial_index": 11}, {**row(1, 5, 0.2, 0.9), "trial_index": 12}]
+    d = tmp_path / "sw"
+    _write_sweep(d, rows, {"sweep": "sw", "test_domains": ["photo"], "seeds": [0], "methods": ["erm"]})
+    report.write(report.build_from_dirs([d]), tmp_path / "out")
+    with open(tmp_path / "out" / "selections.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert [(r["selection"], r["method_group"], r["test_domain"], r["seed"], r["trial_id"], r["trial_index"],
+             r["step"], r["val_acc"], r["test_acc"], r["test_out_acc"]) for r in lines] == [
+        ("validation", "erm", "photo", "0", "abcde_00004", "11", "5", "0.9", "0.5", "0.5"),
+        ("oracle", "erm", "photo", "0", "abcde_00001", "12", "5", "0.2", "0.9", "0.9")]
+    assert lines[0]["train_run"] == "sw-photo-s0-abcde_00004" and lines[0]["mlflow_run_id"] == ""
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "results.csv", "results.json", "results.md", "results.tex", "selections.csv"]
