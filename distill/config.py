@@ -350,8 +350,12 @@ def reference_problems(cfg: dict) -> list[str]:
     name, root = get_dotted(cfg, "dataset.name"), get_dotted(cfg, "dataset.root")
     tests = get_dotted(cfg, "test_domains")
     if isinstance(name, str):
-        problems += validate_dataset(name, resolve_path(root) if root else None,
-                                     tests if isinstance(tests, list) else [])
+        found = validate_dataset(name, resolve_path(root) if root else None, tests if isinstance(tests, list) else [])
+        problems += found
+        if not found and root and name != "synth" and resolve_path(root).is_dir():
+            from .data.images import check_layout
+
+            problems += list(check_layout(str(resolve_path(root)), name)[0])
     backbone = get_dotted(cfg, "student.backbone")
     if isinstance(backbone, str) and backbone not in BACKBONES:
         problems.append(f"student.backbone: unknown backbone {backbone!r}{_suggest(backbone, list(BACKBONES))}; "

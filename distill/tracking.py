@@ -117,7 +117,8 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
 
 class MetricsLogger:
     """Logs metrics from a background thread, in order, so that a trial's loop never waits for the tracking store
-    (a sqlite file several trials write, or a server). ``close()`` flushes what is queued."""
+    (a sqlite file several trials write, or a server) between evaluations. ``flush()`` waits for what is queued (the
+    loop does before each report: Tune may stop a trial right after it); ``close()`` flushes and stops."""
 
     def __init__(self, uri: str, run_id: str):
         import queue
@@ -135,14 +136,20 @@ class MetricsLogger:
     def _run(self) -> None:
         while True:
             item = self.queue.get()
-            if item is None:
-                return
             try:
+                if item is None:
+                    return
                 log_metrics(self.uri, self.run_id, *item)
             except Exception as exc:  # noqa: BLE001 - tracking must never kill training; said once
                 if self.failed is None:
                     self.failed = f"{type(exc).__name__}: {exc}"
                     print(f"[distill] MLflow logging failed ({self.failed}); training goes on", flush=True)
+            finally:
+                self.queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until everything queued is logged (before a report after which the process may be stopped)."""
+        self.queue.join()
 
     def close(self, timeout: float = 60.0) -> None:
         self.queue.put(None)

@@ -155,7 +155,7 @@ def test_cluster_docker_image_matches_the_pinned_ray():
 def test_cluster_runs_mlflow_on_the_head_and_points_every_node_at_it():
     cfg = _load_cluster()
     head = "\n".join(cfg["head_start_ray_commands"])
-    assert "mlflow server" in head and "--host 0.0.0.0" in head and "--port 5000" in head
+    assert "mlflow server" in head and '--host "$HEAD_PRIVATE_IP"' in head and "--port 5000" in head
     assert f"--backend-store-uri sqlite:///{SHARED}/" in head  # four slashes: an absolute path
     assert "--artifacts-destination" in head and "--allowed-hosts" in head
     # workers: the head's private IP from the autoscaler; the head: its own private IP (not localhost, which the
@@ -180,11 +180,15 @@ def test_cluster_shares_storage_on_every_node():
 # -------------------------------------------------------------------------------------------------- search spaces
 @pytest.fixture(scope="module")
 def pacs_root(tmp_path_factory) -> Path:
-    """An empty PACS in the DomainBed layout (the real one lives on the cluster's shared mount)."""
+    """A PACS in the DomainBed layout with one tiny image per class and domain (the real one lives on the cluster's
+    shared mount; an empty class folder is a config error)."""
+    from PIL import Image
+
     root = tmp_path_factory.mktemp("PACS")
     for domain in PACS_DOMAINS:
         for cls in PACS_CLASSES:
             (root / domain / cls).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(root / domain / cls / "0.png")
     return root
 
 
@@ -474,3 +478,24 @@ def test_local_space_files(method, tmp_path):
     for name in ("demo.yaml", "compare.yaml"):
         plan = tune.make_plan(SPACES_DIR / name, overrides=[f"storage={tmp_path}", f"method.name={method}"])
         assert plan is not None
+
+
+def test_cluster_is_closed_by_default():
+    """Nothing listens on every interface without authentication: the Ray dashboard (job submission) on the head's
+    loopback, MLflow with basic authentication on the head's private address, Ray's token on every node, NFS only to
+    the cluster's subnet with root squashed, and no credential in the repository (file_mounts from the user's
+    home)."""
+    text = CLUSTER.read_text()
+    active = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "0.0.0.0" not in active and "no_root_squash" not in active
+    cfg = _load_cluster()
+    head = "\n".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "--app-name basic-auth" in head and "MLFLOW_AUTH_ADMIN_PASSWORD" in head and "NO_PERMISSIONS" in head
+    assert "root_squash" in cfg["initialization_commands"][0] and "ipaddress.ip_interface" in \
+        cfg["initialization_commands"][0]
+    setup = "\n".join(cfg["setup_commands"])
+    assert "RAY_AUTH_MODE=token" in setup and ". ~/.distill/mlflow.env" in setup
+    mounts = cfg["file_mounts"]
+    assert mounts["~/.ray/auth_token"] == "~/.ray/auth_token" and mounts["~/.distill/mlflow.env"].startswith("~/")
+    assert not any(p.exists() for p in (ROOT / ".ray", ROOT / ".distill"))   # credentials are not in the repo

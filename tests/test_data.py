@@ -307,9 +307,41 @@ def test_cli(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "w"), "--per-class", "2", "--size", "16"]) == 0
     assert main(["info", str(tmp_path / "w")]) == 0
     out = capsys.readouterr().out
-    assert "40 images" in out and "sketch: 10 images" in out
+    assert "40 images" in out
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("circle"))
+    assert row == ["circle", "2", "2", "2", "2"]                     # per domain and class
+    total = next(line.split() for line in out.splitlines() if line.strip().startswith("total"))
+    assert total == ["total", "10", "10", "10", "10"]
     assert main(["info", str(tmp_path / "w"), "--dataset", "PACS"]) == 2
     assert "art_painting" in capsys.readouterr().err
+
+
+def test_empty_and_lopsided_class_folders_are_reported_before_any_trial(tmp_path, capsys):
+    """An empty class folder is an error naming it (config check, before Ray); a class missing from some domains
+    only is a warning with the counts; `distill.data info` shows both."""
+    from distill.config import ConfigError, build_config
+    from distill.data.__main__ import main
+
+    root = tmp_path / "data"
+    for d in ("a", "b"):
+        for c in ("cat", "dog"):
+            (root / d / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / d / c / f"{i}.png")
+    (root / "b" / "fox").mkdir()                                     # a class with an empty folder, in b only
+    with pytest.raises(ConfigError, match="class folder b/fox holds no images"):
+        build_config({"dataset": {"name": "folder", "root": str(root)}, "test_domains": ["a"]})
+    assert main(["info", str(root)]) == 2
+    captured = capsys.readouterr()
+    assert "b/fox holds no images" in captured.err
+    assert "class 'fox' has no folder in domain(s) a (images: a 0, b 0)" in captured.out
+    fox = next(line.split() for line in captured.out.splitlines() if line.strip().startswith("fox"))
+    assert fox == ["fox", "–", "0"]
+    Image.new("RGB", (8, 8)).save(root / "b" / "fox" / "0.png")     # now only lopsided: a warning
+    cfg = build_config({"dataset": {"name": "folder", "root": str(root)}, "test_domains": ["a"]})
+    assert cfg["dataset"]["name"] == "folder"
+    assert main(["info", str(root)]) == 0
+    assert "class 'fox' has no folder in domain(s) a (images: a 0, b 1)" in capsys.readouterr().out
 
 
 # ---- the domain shift of the built-in world --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from distill import report, tune
 from distill.config import ConfigError
@@ -52,6 +53,7 @@ def fake_pacs(root: Path) -> Path:
     for d in ("art_painting", "cartoon", "photo", "sketch"):
         for c in ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person"):
             (root / d / c).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4)).save(root / d / c / "0.png")   # an empty class folder is a config error
     return root
 
 
@@ -360,6 +362,22 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
     time.sleep(2)
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
 
+    # the searcher state Tune saved is read back only by --resume: a pickle planted there (shared storage anyone can
+    # write) runs no code when the sweep's results are rebuilt and registered again
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    exp = sweep_dir / "tune" / "sweep"
+    for old in exp.glob("searcher-state-*.pkl"):
+        old.write_bytes(pickle.dumps(Evil()))
+    (exp / "searcher-state-zzz.pkl").write_bytes(pickle.dumps(Evil()))
+    report.build_from_dirs([sweep_dir])
+    tune.finish(plan, parent.info.run_id)
+    assert not marker.exists()
+
 
 @pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, session_storage, tmp_path):
@@ -405,9 +423,12 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, se
     assert sorted(r["step"] for r in evals if r["trial_id"] == first["trial_id"]) == [5, 10]
     others = {r["trial_id"] for r in evals} - {first["trial_id"]}
     assert len(others) == 1
-    # the other trial finished too (if the kill cut it, it resumed from its last checkpoint)
-    steps = {r["step"] for r in evals if r["trial_id"] in others}
-    assert 10 in steps and steps <= {5, 10}
+    # the other trial finished too (if the kill cut it, it resumed from its last checkpoint); selection sees every
+    # evaluation, whatever died when: exactly one row per (trial, step), none lost, none duplicated
+    steps = [r["step"] for r in evals if r["trial_id"] in others]
+    assert sorted(steps) == [5, 10]
+    keys = [(r["trial_id"], r["step"]) for r in evals]
+    assert len(keys) == len(set(keys)) == 4
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("resume")

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .images import list_images
+from .images import class_counts, layout_problems, walk_images
 from .registry import DatasetError, get_spec
 from .synth import ensure_world
 
@@ -33,14 +33,24 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         name = args.dataset or ("synth" if (Path(args.root) / "world.json").is_file() else "folder")
         spec = get_spec(name, args.root)
-        files = list_images(args.root, spec)
+        files = walk_images(args.root, spec)
         print(f"{spec.name} at {args.root}: {len(files)} images, {len(spec.domains)} domains, "
               f"{len(spec.classes)} classes")
         print("classes: " + ", ".join(f"{c} ({n})" if c != n else c for c, n in zip(spec.classes, spec.class_names)))
-        for domain, human in zip(spec.domains, spec.domain_names):
-            n = sum(1 for rel, _ in files if rel.split("/", 1)[0] == domain)
-            print(f"  {domain}" + (f" ({human})" if human != domain else "") + f": {n} images")
-        return 0
+        counts = class_counts(args.root, spec, files)
+        width = max(len(c) for c in spec.classes)
+        print(f"\n  {'class':{width}s} " + " ".join(f"{d[:12]:>12s}" for d in spec.domains))
+        for c in spec.classes:
+            cells = ["–" if counts[d][c] is None else str(counts[d][c]) for d in spec.domains]
+            print(f"  {c:{width}s} " + " ".join(f"{x:>12s}" for x in cells))
+        print(f"  {'total':{width}s} " + " ".join(f"{sum(v or 0 for v in counts[d].values()):>12d}"
+                                                   for d in spec.domains))
+        errors, warnings = layout_problems(args.root, spec, files)
+        for w in warnings:
+            print(f"warning: {w}")
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        return 2 if errors or not files else 0
     except (DatasetError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Decode a ``root/<domain>/<class>/<image>`` dataset once into a uint8 tensor, with an on-disk cache."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -81,22 +82,74 @@ def list_images(root: str | os.PathLike, spec: DatasetSpec) -> list[tuple[str, i
     missing = [d for d in spec.domains if not (root / d).is_dir()]
     if missing:
         raise DatasetError(f"dataset {spec.name}: missing domain folder(s) {', '.join(missing)} in {root}")
+    files = walk_images(root, spec)
+    if not files:
+        raise DatasetError(f"dataset {spec.name}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                           f"under {root}/<domain>/<class>/")
+    errors, _ = layout_problems(root, spec, files)
+    if errors:
+        raise DatasetError(f"dataset {spec.name} at {root}: " + "; ".join(errors))
+    return files
+
+
+def walk_images(root: str | os.PathLike, spec: DatasetSpec) -> list[tuple[str, int]]:
+    """(relative path, file size) of the images under ``root/<domain>/<class>/``, sorted, without any check."""
+    root = Path(root)
     files = []
     for domain in spec.domains:
         for cls in spec.classes:
-            top = root / domain / cls
-            for dirpath, dirnames, filenames in os.walk(top):
+            for dirpath, dirnames, filenames in os.walk(root / domain / cls):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 for name in filenames:
                     if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
                         continue
                     path = Path(dirpath) / name
                     files.append((path.relative_to(root).as_posix(), path.stat().st_size))
-    files.sort()
-    if not files:
-        raise DatasetError(f"dataset {spec.name}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
-                           f"under {root}/<domain>/<class>/")
-    return files
+    return sorted(files)
+
+
+def class_counts(root: str | os.PathLike, spec: DatasetSpec, files: list[tuple[str, int]]) -> dict:
+    """{domain: {class: images, or None where the class folder does not exist}}."""
+    counts = {d: {c: (0 if (Path(root) / d / c).is_dir() else None) for c in spec.classes} for d in spec.domains}
+    for rel, _ in files:
+        domain, cls = rel.split("/", 2)[:2]
+        counts[domain][cls] = (counts[domain][cls] or 0) + 1
+    return counts
+
+
+def layout_problems(root: str | os.PathLike, spec: DatasetSpec, files: list[tuple[str, int]]
+                    ) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about lopsided data, found before any trial: an empty class folder is an error (a class
+    there that has no image); a class folder missing from some domains only is a warning with the counts."""
+    counts = class_counts(root, spec, files)
+    errors = [f"class folder {d}/{c} holds no images" for d in spec.domains for c in spec.classes
+              if counts[d][c] == 0]
+    warnings = []
+    for c in spec.classes:
+        missing = [d for d in spec.domains if counts[d][c] is None]
+        if missing and len(missing) < len(spec.domains):
+            per = ", ".join(f"{d} {counts[d][c] or 0}" for d in spec.domains)
+            warnings.append(f"class {c!r} has no folder in domain(s) {', '.join(missing)} (images: {per})")
+    return errors, warnings
+
+
+def check_layout(root: str, spec_name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """layout_problems of a registered (or folder) dataset root, listed once per process and state of its folders
+    (a sweep's validation builds many configs of one dataset)."""
+    stamp = tuple(sorted((str(p), p.stat().st_mtime_ns) for p in Path(root).glob("*/*") if p.is_dir()))
+    return _check_layout(root, spec_name, stamp)
+
+
+@functools.lru_cache(maxsize=32)
+def _check_layout(root: str, spec_name: str, stamp: tuple) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from .registry import get_spec
+
+    spec = get_spec(spec_name, root)
+    try:
+        files = list_images(root, spec)
+    except DatasetError as exc:
+        return (str(exc),), ()
+    return tuple(layout_problems(root, spec, files)[0]), tuple(layout_problems(root, spec, files)[1])
 
 
 def fingerprint(files: list[tuple[str, int]], store_size: int) -> str:
@@ -158,6 +211,8 @@ def load_images(root: str | os.PathLike, spec: DatasetSpec, store_size: int, ski
     later calls (other processes included), so decoding happens once per (files, store size).
     """
     files = list_images(root, spec)
+    for warning in layout_problems(root, spec, files)[1]:
+        print(f"[distill] warning: dataset {spec.name}: {warning}", flush=True)
     fp = fingerprint(files, store_size)
     marker = Path(root) / "world.json"  # generated worlds: same paths and sizes for every seed, so hash the parameters
     if marker.is_file():

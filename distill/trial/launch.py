@@ -2,6 +2,7 @@
 track it in MLflow (parameters, the exact prompts embedded, metrics, the final and best models)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,12 +25,41 @@ from .prepare import method_hparams, prepare
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+class TrialFailed(RuntimeError):
+    """A trial that failed deterministically in its workers (running it again gives the same error)."""
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
         kwargs = {"num_cpus": num_cpus} if num_cpus and not os.environ.get("RAY_ADDRESS") else {}
         ray.init(**kwargs, log_to_driver=True)
+
+
+@contextlib.contextmanager
+def ray_address_for_trainers():
+    """Ray Train's PlacementGroupCleaner (it frees a trial's workers if its driver dies) finds its cluster through
+    RAY_ADDRESS, else by looking for Ray processes on the machine, which fails where several Ray instances run ("Found
+    multiple active Ray instances"): the dead trial's placement group then leaks. While a trainer starts, this
+    cluster's address is in the environment Ray Train hands to its controller (and so to the cleaner)."""
+    import ray
+
+    before = os.environ.get("RAY_ADDRESS")
+    try:
+        from ray.train.v2._internal import constants
+
+        constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    except (ImportError, AttributeError) as exc:  # a Ray without this hook: the cleaner looks for itself
+        print(f"[distill] note: could not pass RAY_ADDRESS to Ray Train ({exc})", flush=True)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = before
 
 
 def run_name(cfg: dict) -> str:
@@ -76,6 +106,7 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
         tags["distill.lodo_domain"] = cfg["lodo_domain"]
     run_id = tracking.find_or_create_run(uri, experiment or cfg["name"], name, params=params,
                                          parent_run_id=parent_run_id, tags=tags)
+    _clear_failure(uri, run_id)   # a run of this trial that failed before: this attempt starts clean
     _log_prompts(uri, run_id, assets["prompts"])
     if assets["skipped_images"]:
         tracking.set_tags(uri, run_id, {"distill.skipped_images": len(assets["skipped_images"])})
@@ -105,13 +136,18 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
             failure_config=ray.train.FailureConfig(max_failures=cfg["train"]["max_failures"])))
     t["fit"] = time.time()
     try:
-        result = trainer.fit()
+        with ray_address_for_trainers():
+            result = trainer.fit()
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         tracking.set_tags(uri, run_id, {tracking.STATUS_TAG: "failed", "distill.failure": reason[:4000]})
         tracking.end_run(uri, run_id, "FAILED")
         raise
     t["fitted"] = time.time()
+    failure = tracking.client(uri).get_run(run_id).data.tags.get("distill.failure")
+    if failure:   # failed deterministically in the workers (a non-finite loss...): once, not retried
+        tracking.end_run(uri, run_id, "FAILED")
+        raise TrialFailed(failure)
     _log_models(uri, run_id, result)
     tracking.set_tags(uri, run_id, {tracking.STATUS_TAG: "finished",
                                     "distill.train_run": str(Path(train_storage) / name)})
@@ -153,6 +189,12 @@ def phase_breakdown(driver: dict, metrics: dict) -> dict:
 def format_phases(phases: dict) -> str:
     parts = [f"{k} {v:.1f}" for k, v in phases.items() if k not in ("total", "fixed")]
     return f"trial phases (s): {', '.join(parts)}; fixed cost {phases['fixed']:.1f}s of {phases['total']:.1f}s"
+
+
+def _clear_failure(uri: str, run_id: str) -> None:
+    c = tracking.client(uri)
+    if "distill.failure" in c.get_run(run_id).data.tags:
+        c.delete_tag(run_id, "distill.failure")
 
 
 def _log_prompts(uri: str, run_id: str, prompts: dict) -> None:

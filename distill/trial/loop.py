@@ -13,6 +13,7 @@ Nothing is read back from the device at every step: loss terms are summed on the
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -103,15 +104,41 @@ def _average_bn_across_ranks(model, world: int) -> None:
                 buf /= world
 
 
+# Errors that running the same trial again reproduces (a non-finite loss, a bad value found in the worker): the trial
+# fails once, reported as such, instead of being retried by Train's and Tune's max_failures. A dead worker or node
+# (infrastructure) still is retried from the last checkpoint.
+DETERMINISTIC = (FloatingPointError, ValueError, TypeError, KeyError, NotImplementedError)
+FAILED = "failed"   # the report of a trial that failed deterministically carries its reason under this key
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's per-worker function. ``config``: {"cfg": trial config, "assets": prepare(), "mlflow": {...}}."""
     entered = time.time()
-    trainer = Trainer(config, entered)
+    trainer = None
     try:
+        trainer = Trainer(config, entered)
         trainer.run()
+    except DETERMINISTIC as exc:
+        _report_failure(config, trainer, f"{type(exc).__name__}: {exc}")
     finally:
-        if trainer.logger is not None:
+        if trainer is not None and trainer.logger is not None:
             trainer.logger.close()
+
+
+def _report_failure(config: dict, trainer, reason: str) -> None:
+    """Say why in the MLflow run (rank 0) and in one last report (every rank), then end normally: no retry."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    ml = config.get("mlflow") or {}
+    if rank == 0:
+        print(f"[distill] trial failed: {reason}", flush=True)
+        if ml.get("run_id"):
+            tracking.set_tags(ml["uri"], ml["run_id"], {tracking.STATUS_TAG: "failed",
+                                                        "distill.failure": reason[:4000]})
+    step = trainer.history[-1]["step"] if trainer is not None and trainer.history else 0
+    ray.train.report({FAILED: reason, "step": step, "final": True, BEST_METRIC: float("nan"),
+                      SCORE_METRIC: -1.0}, checkpoint=None)
 
 
 class Trainer:
@@ -272,12 +299,18 @@ class Trainer:
             n_sum += 1
             done = s + 1
             if done % log_every == 0 or done in evals:
+                if self.world > 1:   # every rank fails at the same read, whichever saw the bad step first
+                    import torch.distributed as dist
+
+                    marker = torch.where(bad >= 0, bad, torch.full_like(bad, -1))
+                    dist.all_reduce(marker, op=dist.ReduceOp.MAX)
+                    bad = marker
                 if int(bad) >= 0:
                     names = ["loss", *terms]
                     detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, bad_terms.tolist()))
                     raise FloatingPointError(f"non-finite loss at step {int(bad)} ({detail}); lower train.lr or "
                                              f"check the method's hyperparameters")
-                means = {key: (v / n_sum).item() for key, v in sums.items()}
+                means = self._mean_terms(sums, n_sum)
                 if done in evals:
                     stop = self._evaluate(k, done, means, n_sum / max(time.time() - t_last, 1e-9),
                                           time.time() - t0)
@@ -286,6 +319,17 @@ class Trainer:
                         return
                 elif step + 1 > self.logged_until:
                     self._log(means | {"lr": self.scheduler.get_last_lr()[0]}, step + 1, name)
+
+    def _mean_terms(self, sums: dict, n: int) -> dict:
+        """The loss terms' means since the last read, averaged over the ranks (every rank reports the same)."""
+        keys = list(sums)
+        values = torch.stack([sums[k] for k in keys]) / n
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(values)
+            values /= self.world
+        return dict(zip(keys, values.tolist()))
 
     def _maybe_die(self, step: int) -> None:
         """Fault injection for the fault-tolerance tests (``assets["inject_fault"] = {"step", "marker"}``): the
@@ -372,6 +416,8 @@ class Trainer:
                      "best": self.best, "done": metrics["final"]}
             if evaluated is not self.method:
                 state["train_model"] = train_state
+        if self.logger is not None:
+            self.logger.flush()   # durable before Tune hears of this evaluation (ASHA may stop the trial at once)
         self.eval_seconds += time.time() - t_eval
         metrics.update({f"time/{key}": v for key, v in self.phases.items()})
         metrics.update({"time/eval_seconds": self.eval_seconds, "time/reported": time.time()})
@@ -381,6 +427,9 @@ class Trainer:
     def _report(self, metrics: dict, state: dict | None) -> None:
         import ray.train
 
+        if self.assets.get("report_log"):   # every rank's reports, for the tests that compare ranks
+            with open(Path(self.assets["report_log"]) / f"rank{self.rank}.jsonl", "a") as f:
+                f.write(json.dumps({k: v for k, v in metrics.items() if not k.startswith("time/")}) + "\n")
         if state is None:   # ranks > 0 report the same number of times, without a checkpoint
             ray.train.report(metrics, checkpoint=None)
             return

@@ -8,6 +8,17 @@ from ..config import ConfigError
 from .driver import run_sweep
 from .plan import describe, make_plan
 
+
+def preparation_errors() -> tuple:
+    """What a sweep's preparation raises for bad data or an unavailable teacher: a one-line error, exit 2."""
+    from ..data.images import UnreadableImageError
+    from ..data.registry import DatasetError
+    from ..models.prompts import PromptError
+    from ..models.teachers import TeacherError
+
+    return (DatasetError, UnreadableImageError, TeacherError, PromptError, FileExistsError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill.tune", description=__doc__.splitlines()[0])
     parser.add_argument("--space", required=True, metavar="FILE.yaml",
@@ -27,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         run_sweep(plan, resume=args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except preparation_errors() as exc:
+        print(f"error: preparing the sweep failed, nothing was started ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

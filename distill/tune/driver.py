@@ -15,6 +15,7 @@ from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, TRIAL_RESOURCES, Plan, _join
 from .runs import _parent_run, finish, reconcile_runs
 from .space import METRIC, MODE
 from .searcher import SEARCH_KEY, PerSearchScheduler, SweepSearcher
+from ..trial.loop import FAILED
 from .trainable import FinishingASHA, SweepTrial, TrialLog, error_reason, trial_name
 
 def concurrency(plan: Plan) -> tuple[int, str]:
@@ -136,12 +137,12 @@ def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool
             shutil.rmtree(exp_path)  # a sweep killed before Tune saved any state: start it again
         (sweep_dir / ROWS_FILE).unlink(missing_ok=True)  # rows of trials of an attempt that can no longer resume
         searcher = SweepSearcher(list(names), plan.space, plan.search["num_samples"], plan.search["sampler_seed"],
-                                 plan.name)
+                                 plan.name, export_db=str(sweep_dir / "optuna.db"))
         scheduler = None
         if plan.search["scheduler"] == "asha":
             scheduler = PerSearchScheduler(list(names), AshaFactory(plan))
         log = TrialLog(str(sweep_dir / ROWS_FILE), plan.name, names, plan.cfg["method"]["name"],
-                       max_trial_steps(plan))
+                       max_trial_steps(plan), storage=plan.train_root)
         total = plan.search["num_samples"] * len(names)
         tuner = tune.Tuner(
             trainable,
@@ -155,25 +156,17 @@ def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool
               f"time, sharing the cluster", flush=True)
     grid = tuner.fit()
     seconds = round(time.time() - t0, 1)
-    searcher = SweepSearcher.__new__(SweepSearcher)
-    try:
-        searcher.restore_from_dir(exp_path)   # the searcher as Tune saved it: the studies, for the export
-    except Exception as exc:  # noqa: BLE001 - only the Optuna export needs it
-        print(f"[distill.tune] could not read the searcher state back ({type(exc).__name__}: {exc})", flush=True)
-        searcher = None
     summaries = {}
     for name, (domain, seed) in names.items():
         results = [r for r in grid if (r.config or {}).get(SEARCH_KEY) == name]
-        errors = [{"trial_id": Path(r.path).name.replace("trial_", ""), "error": error_reason(str(r.error))}
-                  for r in results if r.error is not None]
-        terminated = sum(1 for r in results if r.error is None)
+        errors = [{"trial_id": Path(r.path).name.replace("trial_", ""),
+                   "error": error_reason(str(r.error)) if r.error is not None else (r.metrics or {}).get(FAILED)}
+                  for r in results if r.error is not None or (r.metrics or {}).get(FAILED)]
         summaries[name] = {"search": name, "test_domain": domain, "seed": seed, "trials": len(results),
-                           "terminated": terminated, "errors": errors,
+                           "terminated": len(results) - len(errors), "errors": errors,
                            "finished": len(results) >= plan.search["num_samples"],
                            "seconds": seconds, "experiment": exp_path, "study": f"{plan.name}:{name}",
                            "trial_ids": [Path(r.path).name.replace("trial_", "") for r in results]}
-        if searcher is not None:
-            export_study(searcher.study(name), sweep_dir / "optuna.db", f"{plan.name}:{name}")
     return summaries
 
 
@@ -188,24 +181,6 @@ class AshaFactory:
 
     def __call__(self):
         return FinishingASHA(**self.kwargs)
-
-
-def export_study(study, db: Path, study_name: str) -> None:
-    """A search's Optuna study copied into `optuna.db` (sqlite) for inspection (optuna.load_study,
-    optuna-dashboard). Never read back: the experiment's copy is the searcher's."""
-    import optuna
-
-    try:
-        url = tracking.sqlite_uri(db)
-        try:
-            optuna.delete_study(study_name=study_name, storage=url)
-        except KeyError:
-            pass
-        exported = optuna.create_study(study_name=study_name, storage=url, directions=study.directions)
-        exported.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
-    except Exception as exc:  # noqa: BLE001 - a convenience copy: never fail the sweep for it
-        print(f"[distill.tune] could not export the Optuna study {study_name} ({type(exc).__name__}: {exc})",
-              flush=True)
 
 
 def _load_state(plan: Plan) -> dict | None:
@@ -226,6 +201,13 @@ def run_sweep(plan: Plan, resume: bool = False) -> dict:
         raise ConfigError([f"--resume: {sweep_dir} was started from a different config ({state.get('source')} "
                            f"{state.get('overrides') or ''}); resume with the same file and --set values "
                            f"(only search.max_concurrent may change)"])
+    ensure_ray()
+    _give_trials_the_ray_address()
+    n_concurrent, why = concurrency(plan)
+    print(describe(plan, why), flush=True)
+    # everything a trial needs first: a failure here (an unreadable image, an unreachable teacher) leaves nothing
+    # that would make the same command ask for --resume
+    warm_caches(plan)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "searches").mkdir(exist_ok=True)
     if not state:
@@ -234,17 +216,11 @@ def run_sweep(plan: Plan, resume: bool = False) -> dict:
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(state, indent=2, default=str))
     (sweep_dir / "sweep.yaml").write_text(plan.text)
     (sweep_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2, default=str))
-
-    ensure_ray()
-    _give_trials_the_ray_address()
-    n_concurrent, why = concurrency(plan)
-    print(describe(plan, why), flush=True)
     parent = _parent_run(plan, state["sweep_id"])
     tracking.log_artifact(plan.tracking_uri, parent, sweep_dir / "sweep.yaml")
     tracking.log_artifact(plan.tracking_uri, parent, sweep_dir / PLAN_FILE)
     t0 = time.time()
     try:
-        warm_caches(plan)
         summaries = run_searches(plan, parent, n_concurrent, resume)
         reconcile_runs(plan, parent)
         for name, summary in summaries.items():

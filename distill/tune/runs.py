@@ -140,7 +140,7 @@ def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> Non
             run = c.get_run(run_id)
             artifacts = {a.path for a in c.list_artifacts(run_id)}
             if "best_checkpoint" not in artifacts:
-                _log_checkpoint(uri, run_id, sel.get("checkpoint_path"))
+                _log_checkpoint(uri, run_id, sel.get("checkpoint_path"), plan.train_root)
             existing = [v for v in c.search_model_versions(f"name = '{model}'") if v.run_id == run_id]
             if existing:
                 continue
@@ -165,13 +165,17 @@ def _model_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def _log_checkpoint(uri: str, run_id: str, checkpoint_path: str | None) -> None:
-    """A trial stopped early (ASHA) never logged its best checkpoint: log the selected step's checkpoint."""
+def _log_checkpoint(uri: str, run_id: str, checkpoint_path: str | None, root: str) -> None:
+    """A trial stopped early (ASHA) never logged its best checkpoint: log the selected step's checkpoint. The path
+    comes from trials.jsonl, a text file: only a checkpoint inside the sweep's own Train runs is read."""
     import tempfile
 
     from ..trial.launch import export_model, read_checkpoint
     from ..trial.loop import CHECKPOINT_FILE
+    from .trainable import inside
 
+    if checkpoint_path and not inside(checkpoint_path, root):
+        raise PermissionError(f"checkpoint {checkpoint_path} is outside the sweep's Train runs ({root}): not read")
     if not checkpoint_path or not (Path(checkpoint_path) / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint_path} is gone (train.num_checkpoints keeps the best)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,6 +14,8 @@ import pickle
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
+from .. import tracking
+from ..trial.loop import FAILED
 from .space import METRIC, MODE
 
 SEARCH_KEY = "distill.search"   # the key of a trial's config naming its search (not a config key: stripped)
@@ -27,7 +29,8 @@ def without_search(config: dict) -> dict:
 class SweepSearcher(Searcher):
     """One OptunaSearch per search; each suggestion goes to the search with the fewest trials (ties: plan order)."""
 
-    def __init__(self, searches: list[str], space, num_samples: int, sampler_seed: int, sweep: str):
+    def __init__(self, searches: list[str], space, num_samples: int, sampler_seed: int, sweep: str,
+                 export_db: str | None = None):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
@@ -42,6 +45,7 @@ class SweepSearcher(Searcher):
                      for name in searches}
         self.count = {name: 0 for name in searches}
         self.owner: dict[str, str] = {}
+        self.export_db = export_db   # a copy of each study for inspection, refreshed as its trials finish
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True   # every sub-searcher has its metric, mode and space already
@@ -62,12 +66,18 @@ class SweepSearcher(Searcher):
         return {**config, SEARCH_KEY: name}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.owner:
+        if trial_id in self.owner and not result.get(FAILED):
             self.subs[self.owner[trial_id]].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self.owner:
-            self.subs[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
+        if trial_id not in self.owner:
+            return
+        name = self.owner[trial_id]
+        if result and result.get(FAILED):   # failed once, deterministically: a failed Optuna trial
+            result, error = None, True
+        self.subs[name].on_trial_complete(trial_id, result=result, error=error)
+        if self.export_db:
+            export_study(self.study(name), self.export_db, self.studies[name])
 
     def study(self, name: str):
         return self.subs[name]._ot_study
@@ -87,6 +97,7 @@ class PerSearchScheduler(TrialScheduler):
     """One scheduler per search (ASHA compares a trial only with the trials of its own search)."""
 
     def __init__(self, searches: list[str], make):
+        super().__init__()
         self.subs = {name: make() for name in searches}
 
     def _sub(self, trial):
@@ -115,3 +126,22 @@ class PerSearchScheduler(TrialScheduler):
 
     def debug_string(self) -> str:
         return "; ".join(f"{name}: {s.debug_string()}" for name, s in self.subs.items())
+
+
+def export_study(study, db, study_name: str) -> None:
+    """A search's Optuna study copied into `optuna.db` (sqlite) for inspection (optuna.load_study,
+    optuna-dashboard). Written by the driver as trials finish; never read back (the searcher's own study is the one
+    Tune saves with the experiment)."""
+    import optuna
+
+    try:
+        url = tracking.sqlite_uri(db)
+        try:
+            optuna.delete_study(study_name=study_name, storage=url)
+        except KeyError:
+            pass
+        exported = optuna.create_study(study_name=study_name, storage=url, directions=study.directions)
+        exported.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    except Exception as exc:  # noqa: BLE001 - a convenience copy: never fail the sweep for it
+        print(f"[distill.tune] could not export the Optuna study {study_name} ({type(exc).__name__}: {exc})",
+              flush=True)

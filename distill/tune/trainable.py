@@ -13,6 +13,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from .. import tracking
 from .plan import search_name, train_run_name, trial_cfg
 from .runs import find_run
+from ..trial.loop import FAILED
 from .searcher import SEARCH_KEY, without_search
 from .space import METRIC
 
@@ -32,7 +33,7 @@ class SweepTrial:
     def __call__(self, config: dict) -> None:
         from ray import tune
 
-        from ..trial.launch import run_trial
+        from ..trial.launch import TrialFailed, run_trial
         from ..trial.prepare import trial_steps
 
         # Ray started before MLFLOW_TRACKING_URI was set in the driver would not pass it on: set it here
@@ -46,13 +47,16 @@ class SweepTrial:
         final = finished_metrics(self.tracking_uri, self.sweep, name, total)
         if final is not None:
             # a trial that had finished when the driver died, before Tune recorded it: report its final metrics
-            # again instead of starting its TorchTrainer
-            tune.report({**final, "replayed": True})
+            # again (with its last checkpoint, whose history completes its rows) instead of starting it again
+            tune.report({**final, "replayed": True, **last_checkpoint(self.train_storage, name)})
             return
         if self.lodo_dir:
             self.lodo_runs(params, test_domain, seed, trial_id, name)
-        run_trial(cfg, tune=True, parent_run_id=self.parent_run_id, name=name, train_storage=self.train_storage,
-                  experiment=self.sweep)
+        try:
+            run_trial(cfg, tune=True, parent_run_id=self.parent_run_id, name=name, train_storage=self.train_storage,
+                      experiment=self.sweep)
+        except TrialFailed:
+            return   # reported to Tune by the workers (FAILED) and in MLflow: ends the trial without a retry
 
     def lodo_runs(self, params: dict, test_domain: str, seed: int, trial_id: str, name: str) -> None:
         """DomainBed's leave-one-domain-out runs of this trial (same hyperparameters and seed): for every source
@@ -90,6 +94,21 @@ def _source_domains(cfg: dict) -> list[str]:
     return [d for d in spec.domains if d != cfg["test_domain"]]
 
 
+def last_checkpoint(train_storage: str, run_name: str) -> dict:
+    """{"checkpoint_path": the latest checkpoint of a Train run} (empty when there is none)."""
+    import ray.train
+
+    try:
+        checkpoint = ray.train.Result.from_path(_run_path(train_storage, run_name)).checkpoint
+    except Exception:  # noqa: BLE001 - no run or no checkpoint: nothing to add
+        return {}
+    return {"checkpoint_path": checkpoint.path} if checkpoint is not None else {}
+
+
+def _run_path(root: str, name: str) -> str:
+    return "/".join([root.rstrip("/"), name]) if "://" in root else str(Path(root, name))
+
+
 def finished_metrics(uri: str, sweep: str, run_name: str, steps: int) -> dict | None:
     """The final metrics of a trial whose MLflow child run finished (run_trial marks it only after fit())."""
     try:
@@ -113,6 +132,8 @@ class FinishingASHA(ASHAScheduler):
     checkpoint, closing the MLflow run); stops at earlier rungs are real early stops."""
 
     def on_trial_result(self, tune_controller, trial, result):
+        if result.get(FAILED):   # the trial's own failure report: nothing to rank
+            return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         if result.get("final") or result.get(self._time_attr, -1) >= self._max_t:
             return TrialScheduler.CONTINUE
@@ -132,9 +153,11 @@ class TrialLog(Callback):
     reason). Module-level and picklable: Tune stores it with the experiment and uses the stored one after a
     restore."""
 
-    def __init__(self, path: str, sweep: str, searches: dict[str, tuple[str, int]], base_method: str, steps: int):
+    def __init__(self, path: str, sweep: str, searches: dict[str, tuple[str, int]], base_method: str, steps: int,
+                 storage: str = ""):
         self.path, self.sweep, self.searches = path, sweep, dict(searches)
         self.base_method, self.steps = base_method, steps
+        self.storage = storage   # where the trials' checkpoints may be read from (the sweep's Train runs)
 
     def _common(self, trial) -> dict:
         search = (trial.config or {}).get(SEARCH_KEY)
@@ -145,7 +168,7 @@ class TrialLog(Callback):
                 "params": params, "train_run": train_run_name(self.sweep, test_domain, seed, trial.trial_id)}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "step" not in result:
+        if "step" not in result or result.get(FAILED):
             return
         common = self._common(trial)
         if result.get("replayed"):
@@ -155,23 +178,82 @@ class TrialLog(Callback):
             if any((r.get("search"), r.get("trial_id"), r.get("step")) == key for r in read_jsonl(self.path)
                    if r.get("event") == "eval"):
                 return
-        keep = {k: v for k, v in result.items()
-                if k in ("step", "val_acc", METRIC, "test_acc", "test_out_acc", "val_loss", "loss", "checkpoint_path",
-                         "training_iteration", "time_total_s", "timestamp", "stage", "eval_model", "selectable",
-                         "final", "total_steps", "raw_val_acc")
-                or k.startswith(("val_acc/", "loss/"))}
-        append_jsonl(self.path, {"event": "eval", **common, **keep})
+        append_jsonl(self.path, {"event": "eval", **common, **keep_fields(result)})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         step = last.get("step")
+        if last.get(FAILED):
+            self._reconcile(trial)
+            append_jsonl(self.path, {"event": "end", **self._common(trial), "status": "error",
+                                     "error": error_reason(last[FAILED]), "step": step})
+            return
         done = last.get("final") or (step is not None and step >= last.get("total_steps", self.steps))
-        status = "completed" if done else "early_stopped"
-        append_jsonl(self.path, {"event": "end", **self._common(trial), "status": status, "step": step})
+        self._reconcile(trial)
+        append_jsonl(self.path, {"event": "end", **self._common(trial), "status": "completed" if done else
+                                 "early_stopped", "step": step})
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._reconcile(trial)
         append_jsonl(self.path, {"event": "end", **self._common(trial), "status": "error",
                                  "error": _trial_error(trial), "step": (trial.last_result or {}).get("step")})
+
+    def _reconcile(self, trial) -> None:
+        """The trial's evaluation rows, made exactly those of the run that produced its last checkpoint (whose
+        history it carries): rows a killed driver never wrote are added, rows of a discarded attempt replaced."""
+        from ..report import read_jsonl
+
+        common = self._common(trial)
+        history = checkpoint_history(self.storage, trial.last_result or {})
+        if history is None:
+            return
+        rows = read_jsonl(self.path)
+        kept = [r for r in rows if not (r.get("event") == "eval" and r.get("search") == common["search"]
+                                        and r.get("trial_id") == trial.trial_id)]
+        # what only Tune knows of a row it relayed (its iteration, time, checkpoint directory) is kept
+        tune_only = {r.get("step"): {k: r[k] for k in TUNE_FIELDS if k in r} for r in rows
+                     if r.get("event") == "eval" and r.get("trial_id") == trial.trial_id}
+        new = [{"event": "eval", **common, **keep_fields(h), **tune_only.get(h.get("step"), {})} for h in history]
+        tmp = Path(self.path).with_suffix(".reconcile.tmp")
+        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in kept + new))
+        tmp.replace(self.path)
+
+
+ROW_FIELDS = ("step", "val_acc", METRIC, "test_acc", "test_out_acc", "val_loss", "loss", "checkpoint_path",
+              "training_iteration", "time_total_s", "timestamp", "stage", "eval_model", "selectable", "final",
+              "total_steps", "raw_val_acc")
+
+
+TUNE_FIELDS = ("training_iteration", "timestamp", "time_total_s", "checkpoint_path", "trial_index")
+
+
+def keep_fields(result: dict) -> dict:
+    """What a trials.jsonl row keeps of a report."""
+    return {k: v for k, v in result.items() if k in ROW_FIELDS or k.startswith(("val_acc/", "loss/"))}
+
+
+def checkpoint_history(storage: str, result: dict) -> list[dict] | None:
+    """Every evaluation of the run that produced a trial's last checkpoint, read from that checkpoint (tensors and
+    plain data only, never code) and only inside the sweep's storage: a path in a text file is not trusted."""
+    from ..trial.launch import read_checkpoint
+
+    path = result.get("checkpoint_path")
+    if not path or not storage or not inside(path, storage):
+        return None
+    try:
+        return list(read_checkpoint(path)["history"])
+    except Exception as exc:  # noqa: BLE001 - the rows Tune relayed stay as they are
+        print(f"[distill.tune] could not read the evaluation history of {path} ({type(exc).__name__}: {exc})",
+              flush=True)
+        return None
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether `path` lies inside `root` (after resolving `..` and links)."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def error_reason(text: str) -> str:
