@@ -40,22 +40,40 @@ def client(uri: str):
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}   # MLflow 3 opens such an experiment on its runs
+
+
 def experiment_id(uri: str, name: str) -> str:
-    """Create the experiment once (in the driver, before any worker writes)."""
+    """Create the experiment once (in the driver, before any worker writes), as a model-training experiment (MLflow
+    3 would otherwise open it on its GenAI views, traces and evaluations)."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            for key, value in EXPERIMENT_KIND.items():
+                c.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if uri.startswith(SQLITE):  # artifacts beside the database, not in the current directory of each process
         location = (Path(uri[len(SQLITE):]).parent / "mlartifacts" / name).as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another driver
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's own context tags of this process (user, source name and type, git commit): the runs table's
+    "Created by" and "Source" columns. Resolved in the driver and handed to the trials it starts."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return {k: str(v) for k, v in resolve_tags().items()}
+    except Exception:  # noqa: BLE001 - a missing context is no reason to stop a sweep
+        return {}
 
 
 def git_sha() -> str:
@@ -88,7 +106,7 @@ def find_or_create_run(uri: str, experiment: str, run_name: str, params: dict[st
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
         return run_id
-    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
+    all_tags = {**context_tags(), RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(exp_id, run_name=run_name, tags=all_tags)

@@ -34,7 +34,7 @@ class Evil:
 def test_planted_pickles_are_refused_and_paths_from_text_files_are_confined(tmp_path):
     from distill.trial.launch import read_checkpoint
     from distill.trial.loop import CHECKPOINT_FILE
-    from distill.tune.runs import _log_checkpoint
+    from distill.tune.runs import read_selected_checkpoint
     from distill.tune.trainable import checkpoint_history
 
     marker = tmp_path / "pwned"
@@ -48,10 +48,11 @@ def test_planted_pickles_are_refused_and_paths_from_text_files_are_confined(tmp_
     outside.mkdir()
     assert checkpoint_history(str(tmp_path / "train"), {"checkpoint_path": str(outside)}) is None
     with pytest.raises(PermissionError, match="outside the sweep's Train runs"):
-        _log_checkpoint("sqlite:////nonexistent.db", "run", str(outside), str(tmp_path / "train"))
+        read_selected_checkpoint(str(outside), str(tmp_path / "train"))
     with pytest.raises(PermissionError):                    # `..` does not get out either
-        _log_checkpoint("sqlite:////nonexistent.db", "run", str(tmp_path / "train" / ".." / "elsewhere"),
-                        str(tmp_path / "train"))
+        read_selected_checkpoint(str(tmp_path / "train" / ".." / "elsewhere"), str(tmp_path / "train"))
+    with pytest.raises(pickle.UnpicklingError):
+        read_selected_checkpoint(str(ckpt), str(tmp_path / "train"))
     assert not marker.exists()
 
 

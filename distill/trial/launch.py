@@ -21,8 +21,10 @@ from .prepare import method_hparams, prepare
 # Ray Train settings for short trials (each can be overridden in the environment): the controller polls its workers
 # every 0.2 s instead of 2 s (a trial's start and end each waited up to a poll: ~3 s of every trial here), and no
 # preemption-watcher actor per trial (it polls a cloud's drain notices every 5 s; a spot node's loss is recovered
-# from the last checkpoint anyway: train.max_failures).
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# from the last checkpoint anyway: train.max_failures), and each worker line printed once.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+             # a worker's print() once (Ray forwards it), not a second time through Train's logger
+             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 class TrialFailed(RuntimeError):
@@ -82,9 +84,10 @@ def trial_params(cfg: dict, assets: dict) -> dict:
 
 def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None, name: str | None = None,
               train_storage: str | None = None, experiment: str | None = None, fresh: bool = False,
-              assets: dict | None = None):
+              assets: dict | None = None, tags: dict | None = None, verbose: bool = False):
     """Run one trial (one test domain, one seed) as a Ray Train TorchTrainer; returns the ray.train.Result.
-    `assets`: the result of `prepare(cfg)` when the caller already prepared this trial."""
+    `assets`: the result of `prepare(cfg)` when the caller already prepared this trial; `tags`: extra MLflow tags
+    of its run."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -99,11 +102,13 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
     t["prepared"] = time.time()
     uri = tracking.tracking_uri(cfg["storage"])
     params = trial_params(cfg, assets)
+    extra_tags = tags
     tags = {"distill.method": cfg["method"]["name"], "distill.test_domain": cfg["test_domain"],
             "distill.seed": str(cfg["seed"]), "distill.split_hash": assets["split_hash"],
             "distill.git_sha": params["git_sha"]}
     if cfg.get("lodo_domain"):
         tags["distill.lodo_domain"] = cfg["lodo_domain"]
+    tags.update(extra_tags or {})   # e.g. the sweep driver's user and source
     run_id = tracking.find_or_create_run(uri, experiment or cfg["name"], name, params=params,
                                          parent_run_id=parent_run_id, tags=tags)
     _clear_failure(uri, run_id)   # a run of this trial that failed before: this attempt starts clean
@@ -125,7 +130,8 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "assets": assets, "mlflow": {"uri": uri, "run_id": run_id}},
+        train_loop_config={"cfg": cfg, "assets": assets, "mlflow": {"uri": uri, "run_id": run_id}, "name": name,
+                           "verbose": verbose},
         scaling_config=ray.train.ScalingConfig(num_workers=res["num_workers"], use_gpu=use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(

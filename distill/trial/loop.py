@@ -114,6 +114,10 @@ FAILED = "failed"   # the report of a trial that failed deterministically carrie
 def train_loop(config: dict) -> None:
     """Ray Train's per-worker function. ``config``: {"cfg": trial config, "assets": prepare(), "mlflow": {...}}."""
     entered = time.time()
+    if not config.get("verbose"):   # Train's per-report and per-checkpoint lines: with --verbose only
+        import logging
+
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     trainer = None
     try:
         trainer = Trainer(config, entered)
@@ -155,6 +159,7 @@ class Trainer:
         self.phases = {"worker_entered": entered or time.time(), "worker_imported": time.time()}
 
         self.cfg, self.assets, self.ml = config["cfg"], config["assets"], config.get("mlflow") or {}
+        self.label = f"distill {config['name']}" if config.get("name") else "distill"   # whose line it is
         cfg, tc = self.cfg, self.cfg["train"]
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -404,7 +409,7 @@ class Trainer:
         state = None
         if self.rank == 0:
             stage_text = f" [{name}]" if len(self.stages) > 1 else ""
-            print(f"[distill] step {step}/{self.total}{stage_text}: loss {train_terms.get('loss', float('nan')):.4f}  "
+            print(f"[{self.label}] step {step}/{self.total}{stage_text}: loss {train_terms.get('loss', float('nan')):.4f}  "
                   f"val_acc {val_acc:.3f}  test_acc {metrics['test_acc']:.3f}  [{eval_model}]  "
                   f"({steps_per_s:.2f} steps/s, {elapsed:.0f}s)", flush=True)
             train_state = self.method.state_dict()

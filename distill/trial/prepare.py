@@ -143,3 +143,22 @@ def prepare(cfg: dict) -> dict:
             "sizes": {"train": {d: len(v) for d, v in splits.train.items()},
                       "val": {d: len(v) for d, v in splits.val.items()},
                       "test_in": len(splits.test_in), "test_out": len(splits.test_out)}}
+
+
+def teacher_zero_shot(cfg: dict) -> dict:
+    """The teacher's zero-shot accuracy on the held-out domain's in-split (the images `test_acc` measures), with the
+    class prompts the methods use (`teacher.prompts`, `{d}` over the source domains): is the teacher worth
+    distilling? {"accuracy", "teacher", "prompts" (the first class's), "classes"}."""
+    from ..models.cache import teacher_outputs as compute
+
+    spec, images, splits = load_task(cfg)
+    teacher = teacher_spec(cfg)
+    ctx = method_context(cfg, spec, splits, embed_dim=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = compute(teacher, images, {"classes": ctx.class_prompts}, Path(cfg["storage"]), need_images=True,
+                  device=device, log_fn=None)
+    idx = splits.test_in
+    logits = out.image_emb[idx].float() @ out.text["classes"].float().t()
+    accuracy = (logits.argmax(1) == images.labels[idx]).float().mean().item()
+    return {"accuracy": accuracy, "teacher": out.teacher_id, "prompts": ctx.class_prompts[0],
+            "classes": len(spec.classes)}

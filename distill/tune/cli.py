@@ -29,13 +29,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a value, e.g. --set search.num_samples=8 --set train.steps=200")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep from its storage")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also Ray's own status tables and Ray Train's per-report and checkpoint lines")
     args = parser.parse_args(argv)
     try:
         plan = make_plan(args.space, args.overrides, args.storage)
         if args.dry_run:
             print(describe(plan))
             return 0
-        run_sweep(plan, resume=args.resume)
+        run_sweep(plan, resume=args.resume, verbose=args.verbose)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -117,7 +117,7 @@ def _with_method_cfg(cfg: dict, method: str) -> dict:
 EXPERIMENT = "sweep"   # the one Tune experiment of a sweep, under <sweep>/tune/
 
 
-def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool) -> dict:
+def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool, verbose: bool = False) -> dict:
     """Every search of the sweep in one Tune experiment (restored from its directory with --resume). Returns
     {search name: summary}."""
     from ray import tune
@@ -127,7 +127,8 @@ def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool
     names = {search_name(d, s): (d, s) for d, s in plan.searches()}
     trainable = tune.with_resources(
         SweepTrial(plan.raw, plan.name, names, parent_run_id, plan.train_root, plan.tracking_uri,
-                   str(sweep_dir / "lodo") if plan.search["lodo"] else None), TRIAL_RESOURCES)
+                   str(sweep_dir / "lodo") if plan.search["lodo"] else None,
+                   tags={**tracking.context_tags(), "distill.sweep": plan.name}, verbose=verbose), TRIAL_RESOURCES)
     t0 = time.time()
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"[distill.tune] resuming {exp_path}", flush=True)
@@ -142,7 +143,7 @@ def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool
         if plan.search["scheduler"] == "asha":
             scheduler = PerSearchScheduler(list(names), AshaFactory(plan))
         log = TrialLog(str(sweep_dir / ROWS_FILE), plan.name, names, plan.cfg["method"]["name"],
-                       max_trial_steps(plan), storage=plan.train_root)
+                       max_trial_steps(plan), storage=plan.train_root, num_samples=plan.search["num_samples"])
         total = plan.search["num_samples"] * len(names)
         tuner = tune.Tuner(
             trainable,
@@ -151,7 +152,7 @@ def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=plan.tune_root, callbacks=[log],
                                       failure_config=tune.FailureConfig(max_failures=plan.search["max_failures"]),
-                                      verbose=1))
+                                      verbose=1 if verbose else 0))
         print(f"[distill.tune] {len(names)} search(es) x {plan.search['num_samples']} trial(s), {n_concurrent} at a "
               f"time, sharing the cluster", flush=True)
     grid = tuner.fit()
@@ -183,11 +184,33 @@ class AshaFactory:
         return FinishingASHA(**self.kwargs)
 
 
+def teacher_report(plan: Plan) -> dict:
+    """The teacher beside the students: its zero-shot accuracy on each held-out domain with the prompts the methods
+    use, and chance (report.py puts them in results.md and accuracy.png; the parent MLflow run gets them)."""
+    from ..trial.prepare import teacher_zero_shot
+
+    shots = {d: teacher_zero_shot(trial_cfg(plan.raw, {}, d, plan.seeds[0])) for d in plan.test_domains}
+    first = next(iter(shots.values()))
+    for d, z in shots.items():
+        print(f"[distill.tune] teacher zero-shot on {d}: {100 * z['accuracy']:.1f}% (chance "
+              f"{100 / z['classes']:.1f}%)", flush=True)
+    return {"teacher": first["teacher"], "zero_shot": {d: z["accuracy"] for d, z in shots.items()},
+            "prompts": f"teacher.prompts {plan.cfg['teacher']['prompts']!r} over the source domains, e.g. "
+                       f"{first['prompts'][:3]}", "chance": 1.0 / first["classes"]}
+
+
+def mlflow_ui_command(uri: str) -> str:
+    """The command that opens the runs (an sqlite store: `mlflow ui` on this machine's loopback)."""
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000"
+    return f"open {uri} (the tracking server)"
+
+
 def _load_state(plan: Plan) -> dict | None:
     return _read_json(plan.sweep_dir / SWEEP_FILE)
 
 
-def run_sweep(plan: Plan, resume: bool = False) -> dict:
+def run_sweep(plan: Plan, resume: bool = False, verbose: bool = False) -> dict:
     """The whole sweep; returns report.build's results (also written to the sweep dir)."""
     from .. import report
     from ..trial.launch import ensure_ray
@@ -208,7 +231,9 @@ def run_sweep(plan: Plan, resume: bool = False) -> dict:
     # everything a trial needs first: a failure here (an unreadable image, an unreachable teacher) leaves nothing
     # that would make the same command ask for --resume
     warm_caches(plan)
+    teacher = teacher_report(plan)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "teacher.json").write_text(json.dumps(teacher, indent=1))
     (sweep_dir / "searches").mkdir(exist_ok=True)
     if not state:
         state = {"sweep": plan.name, "sweep_id": uuid.uuid4().hex[:12], "fingerprint": plan.fingerprint(),
@@ -221,7 +246,7 @@ def run_sweep(plan: Plan, resume: bool = False) -> dict:
     tracking.log_artifact(plan.tracking_uri, parent, sweep_dir / PLAN_FILE)
     t0 = time.time()
     try:
-        summaries = run_searches(plan, parent, n_concurrent, resume)
+        summaries = run_searches(plan, parent, n_concurrent, resume, verbose)
         reconcile_runs(plan, parent)
         for name, summary in summaries.items():
             (sweep_dir / "searches" / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -248,6 +273,8 @@ def run_sweep(plan: Plan, resume: bool = False) -> dict:
                                                  "distill.sweep_seconds": round(time.time() - t0)})
     tracking.end_run(plan.tracking_uri, parent, "FINISHED")
     print(report.render_text(results), flush=True)
-    print(f"[distill.tune] sweep {plan.name!r} done in {time.time() - t0:.0f}s: {sweep_dir}/results.md; MLflow "
-          f"{plan.tracking_uri} (experiment {plan.name!r}, parent run {parent})", flush=True)
+    print(f"[distill.tune] sweep {plan.name!r} done in {time.time() - t0:.0f}s\n"
+          f"  results: {sweep_dir}/results.md (.csv, .json, .tex)\n  plots:   {sweep_dir}/plots/\n"
+          f"  MLflow:  {mlflow_ui_command(plan.tracking_uri)}   (experiment {plan.name!r}, parent run {parent})",
+          flush=True)
     return results

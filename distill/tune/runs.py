@@ -21,20 +21,31 @@ def _parent_run(plan: Plan, sweep_id: str) -> str:
         c.update_run(run_id, status="RUNNING")
         return run_id
     run = c.create_run(exp_id, run_name=f"{plan.name} (sweep)", tags={
-        "distill.role": "sweep", "distill.sweep": plan.name, "distill.sweep_id": sweep_id,
+        **tracking.context_tags(), "distill.role": "sweep", "distill.sweep": plan.name, "distill.sweep_id": sweep_id,
         "distill.methods": ",".join(plan.methods), "distill.test_domains": ",".join(plan.test_domains),
         "distill.seeds": ",".join(map(str, plan.seeds)), "distill.git_sha": tracking.git_sha(),
         tracking.RUN_NAME_TAG: f"{plan.name}-sweep-{sweep_id}"})
     from mlflow.entities import Param
 
     params = {**{f"search.{k}": v for k, v in flatten({k: v for k, v in plan.search.items() if k != "space"}).items()},
-              "search.space": "; ".join(plan.space.describe()), "seeds": plan.seeds,
-              **{k: v for k, v in flatten({k: v for k, v in plan.cfg.items() if k not in ("storage",)}).items()}}
+              "search.space": "; ".join(plan.space.describe()), "seeds": plan.seeds, **fixed_params(plan)}
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         c.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id
 
+
+
+def fixed_params(plan: Plan) -> dict:
+    """The config values every trial of the sweep shares: not the searched keys (a trial's own run has its values),
+    nor, when the method is searched, any method hyperparameter, nor the sweep's per-search structure."""
+    searched = set(plan.space.keys())
+    out = {}
+    for key, value in flatten({k: v for k, v in plan.cfg.items() if k not in ("storage", "test_domain")}).items():
+        if key in searched or (key.startswith("method.") and "method.name" in searched) or key == "seed":
+            continue
+        out[key] = value
+    return out
 
 
 def find_run(uri: str, experiment: str, run_name: str):
@@ -97,7 +108,8 @@ def finish(plan: Plan, parent: str) -> dict:
     results = report.build_from_dirs([sweep_dir])
     report.write(results, sweep_dir)
     made = plots.make_all(results, report.load_rows(sweep_dir), sweep_dir / "plots")
-    for name in ("results.md", "results.csv", "results.json", ROWS_FILE, "runs.json"):
+    for name in ("results.md", "results.csv", "selections.csv", "results.json", "results.tex", "teacher.json",
+                 ROWS_FILE, "runs.json"):
         if (sweep_dir / name).exists():
             tracking.log_artifact(uri, parent, sweep_dir / name, "results")
     for path in made:
@@ -113,15 +125,30 @@ def finish(plan: Plan, parent: str) -> dict:
                 metrics[f"{prefix}/{domain}"] = cell["mean"]
         if row["avg"]["mean"] is not None:
             metrics[f"{prefix}_avg"] = row["avg"]["mean"]
+    for teacher in results.get("teacher") or []:
+        metrics.update({f"teacher_zero_shot/{d}": v for d, v in teacher["zero_shot"].items() if v is not None})
+        if teacher.get("mean") is not None:
+            metrics["teacher_zero_shot_avg"] = teacher["mean"]
+    if results.get("chance"):
+        metrics["chance"] = results["chance"]
     tracking.log_metrics(uri, parent, metrics, 0)
+    from .plan import describe
+
+    # the parent run's description (its page's "Description"): the plan and the results
+    tracking.set_tags(uri, parent, {"mlflow.note.content": f"```\n{describe(plan)}\n```\n\n"
+                                                          f"{report.render_text(results)}"[:60000]})
     register_selected(plan, results, run_ids)
     return results
 
 
 def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> None:
-    """The selected model of each held-out domain (per seed): tag its child run, and register its best_checkpoint
-    artifact as a version of the registered model `<sweep>-<test domain>` (skipped where the store can't)."""
+    """The selected model of each held-out domain (per seed): its child run gets the selected step's metrics
+    (`selected_test_acc`, `selected_val_acc`, `selected_step`: the runs table sorts and compares on them) and the tag
+    `distill.selected`, and the selected (trial, step)'s weights are logged with mlflow.pytorch as a module that maps
+    normalised images to class logits, registered as a version of `<sweep>-<test domain>` (one per seed)."""
     from .. import report
+    from ..trial.export import log_predictor, predictor
+    from .plan import trial_cfg
 
     uri = plan.tracking_uri
     c = tracking.client(uri)
@@ -135,28 +162,23 @@ def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> Non
             continue
         tracking.set_tags(uri, run_id, {"distill.selected": "true",
                                         f"distill.selected_for.{sel['test_domain']}.s{sel['seed']}": sel["step"]})
+        tracking.log_metrics(uri, run_id, {"selected_test_acc": sel["test_acc"], "selected_val_acc": sel["val_acc"],
+                                           "selected_step": sel["step"]}, 0)
         model = _model_name(f"{plan.name}-{sel['test_domain']}")
         try:
-            run = c.get_run(run_id)
-            artifacts = {a.path for a in c.list_artifacts(run_id)}
-            if "best_checkpoint" not in artifacts:
-                _log_checkpoint(uri, run_id, sel.get("checkpoint_path"), plan.train_root)
-            existing = [v for v in c.search_model_versions(f"name = '{model}'") if v.run_id == run_id]
-            if existing:
-                continue
-            try:
-                c.create_registered_model(model, description=f"{plan.name}: selected by source-domain validation "
-                                                             f"with {sel['test_domain']} held out")
-            except Exception:  # noqa: BLE001 - exists already
-                pass
-            version = c.create_model_version(
-                model, source=f"{run.info.artifact_uri}/best_checkpoint", run_id=run_id,
-                tags={"distill.test_domain": sel["test_domain"], "distill.seed": str(sel["seed"]),
-                      "distill.step": str(sel["step"]), "distill.method": sel["method"],
-                      "distill.val_acc": f"{sel['val_acc']:.4f}", "distill.test_acc": f"{sel['test_acc']:.4f}"})
-            print(f"[distill.tune] registered {model} version {version.version} ({sel['method']}, seed "
-                  f"{sel['seed']}, step {sel['step']})", flush=True)
-        except Exception as exc:  # noqa: BLE001 - the tag above stands for the registry
+            if [v for v in c.search_model_versions(f"name = '{model}'") if v.run_id == run_id]:
+                continue   # registered by an earlier finish of this sweep
+            state = read_selected_checkpoint(sel.get("checkpoint_path"), plan.train_root)
+            cfg = trial_cfg(plan.raw, sel.get("params") or {}, sel["test_domain"], sel["seed"])
+            info = log_predictor(uri, run_id, predictor(cfg, state["model"]), registered_name=model)
+            version = info.registered_model_version
+            if version is not None:
+                c.set_model_version_tag(model, str(version), "distill.step", str(sel["step"]))
+                for key in ("test_domain", "seed", "method"):
+                    c.set_model_version_tag(model, str(version), f"distill.{key}", str(sel[key]))
+            print(f"[distill.tune] registered {model} version {version} ({sel['method']}, seed {sel['seed']}, step "
+                  f"{sel['step']}): mlflow.pytorch.load_model('models:/{model}/{version}')", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the tag and metrics above stand for the registry
             print(f"[distill.tune] could not register {model} ({type(exc).__name__}: {exc}); the child run is "
                   f"tagged distill.selected=true instead", flush=True)
 
@@ -165,12 +187,10 @@ def _model_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def _log_checkpoint(uri: str, run_id: str, checkpoint_path: str | None, root: str) -> None:
-    """A trial stopped early (ASHA) never logged its best checkpoint: log the selected step's checkpoint. The path
-    comes from trials.jsonl, a text file: only a checkpoint inside the sweep's own Train runs is read."""
-    import tempfile
-
-    from ..trial.launch import export_model, read_checkpoint
+def read_selected_checkpoint(checkpoint_path: str | None, root: str) -> dict:
+    """A selected (trial, step)'s checkpoint. The path comes from trials.jsonl, a text file: only a checkpoint inside
+    the sweep's own Train runs is read (and only its tensors and plain data)."""
+    from ..trial.launch import read_checkpoint
     from ..trial.loop import CHECKPOINT_FILE
     from .trainable import inside
 
@@ -178,6 +198,4 @@ def _log_checkpoint(uri: str, run_id: str, checkpoint_path: str | None, root: st
         raise PermissionError(f"checkpoint {checkpoint_path} is outside the sweep's Train runs ({root}): not read")
     if not checkpoint_path or not (Path(checkpoint_path) / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint_path} is gone (train.num_checkpoints keeps the best)")
-    with tempfile.TemporaryDirectory() as tmp:
-        export_model(read_checkpoint(checkpoint_path), tmp)
-        tracking.log_artifact(uri, run_id, tmp, "best_checkpoint")
+    return read_checkpoint(checkpoint_path)

@@ -19,11 +19,12 @@ from ..trial.loop import FAILED
 from .space import METRIC, MODE
 
 SEARCH_KEY = "distill.search"   # the key of a trial's config naming its search (not a config key: stripped)
+INDEX_KEY = "distill.trial_index"   # the order in which the sweep created its trials, across searches
 
 
 def without_search(config: dict) -> dict:
-    """A trial's sampled hyperparameters, without the routing key."""
-    return {k: v for k, v in (config or {}).items() if k != SEARCH_KEY}
+    """A trial's sampled hyperparameters, without the routing keys."""
+    return {k: v for k, v in (config or {}).items() if k not in (SEARCH_KEY, INDEX_KEY)}
 
 
 class SweepSearcher(Searcher):
@@ -45,6 +46,7 @@ class SweepSearcher(Searcher):
                      for name in searches}
         self.count = {name: 0 for name in searches}
         self.owner: dict[str, str] = {}
+        self.index: dict[str, int] = {}
         self.export_db = export_db   # a copy of each study for inspection, refreshed as its trials finish
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -53,7 +55,7 @@ class SweepSearcher(Searcher):
     def suggest(self, trial_id: str):
         if trial_id in self.owner:   # asked again for the same trial (a restored experiment)
             name = self.owner[trial_id]
-            return {**self.subs[name].suggest(trial_id), SEARCH_KEY: name}
+            return {**self.subs[name].suggest(trial_id), SEARCH_KEY: name, INDEX_KEY: self.index[trial_id]}
         open_searches = [n for n in self.order if self.count[n] < self.num_samples]
         if not open_searches:
             return Searcher.FINISHED
@@ -63,7 +65,8 @@ class SweepSearcher(Searcher):
             return config
         self.count[name] += 1
         self.owner[trial_id] = name
-        return {**config, SEARCH_KEY: name}
+        self.index[trial_id] = len(self.index)
+        return {**config, SEARCH_KEY: name, INDEX_KEY: self.index[trial_id]}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.owner and not result.get(FAILED):

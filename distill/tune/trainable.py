@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 from ray.tune import Callback
@@ -14,7 +15,7 @@ from .. import tracking
 from .plan import search_name, train_run_name, trial_cfg
 from .runs import find_run
 from ..trial.loop import FAILED
-from .searcher import SEARCH_KEY, without_search
+from .searcher import INDEX_KEY, SEARCH_KEY, without_search
 from .space import METRIC
 
 class SweepTrial:
@@ -25,8 +26,11 @@ class SweepTrial:
     __name__ = "distill_trial"  # Tune names trials after the trainable
 
     def __init__(self, raw: dict, sweep: str, searches: dict[str, tuple[str, int]], parent_run_id: str | None,
-                 train_storage: str, tracking_uri: str, lodo_dir: str | None = None):
+                 train_storage: str, tracking_uri: str, lodo_dir: str | None = None, tags: dict | None = None,
+                 verbose: bool = False):
         self.raw, self.sweep, self.searches = raw, sweep, dict(searches)   # search name -> (test domain, seed)
+        self.tags = dict(tags or {})   # the driver's MLflow context (user, source) and the sweep's own tags
+        self.verbose = verbose
         self.parent_run_id, self.train_storage, self.tracking_uri = parent_run_id, train_storage, tracking_uri
         self.lodo_dir = lodo_dir   # search.lodo: where the leave-one-domain-out rows go
 
@@ -54,7 +58,7 @@ class SweepTrial:
             self.lodo_runs(params, test_domain, seed, trial_id, name)
         try:
             run_trial(cfg, tune=True, parent_run_id=self.parent_run_id, name=name, train_storage=self.train_storage,
-                      experiment=self.sweep)
+                      experiment=self.sweep, tags={**self.tags, **searched_tags(params)}, verbose=self.verbose)
         except TrialFailed:
             return   # reported to Tune by the workers (FAILED) and in MLflow: ends the trial without a retry
 
@@ -72,7 +76,8 @@ class SweepTrial:
                 continue
             cfg = trial_cfg(self.raw, params, test_domain, seed, lodo_domain=domain)
             result = run_trial(cfg, parent_run_id=self.parent_run_id, name=f"{name}-lodo-{domain}",
-                               train_storage=self.train_storage, experiment=self.sweep)
+                               train_storage=self.train_storage, experiment=self.sweep, tags=self.tags,
+                               verbose=self.verbose)
             with result.checkpoint.as_directory() as d:
                 history = read_checkpoint(d)["history"]
             common = {"event": LODO_EVENT, "sweep": self.sweep, "search": search, "test_domain": test_domain,
@@ -84,6 +89,13 @@ class SweepTrial:
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(rows, default=str))
             tmp.replace(out)
+
+
+def searched_tags(params: dict) -> dict[str, str]:
+    """The trial's sampled values as tags (`searched.<key>`) and in one JSON tag: the runs table can show and sort
+    on what the searcher chose."""
+    return {"distill.searched": json.dumps(params, sort_keys=True, default=str),
+            **{f"searched.{k}": str(v) for k, v in params.items()}}
 
 
 def _source_domains(cfg: dict) -> list[str]:
@@ -154,17 +166,19 @@ class TrialLog(Callback):
     restore."""
 
     def __init__(self, path: str, sweep: str, searches: dict[str, tuple[str, int]], base_method: str, steps: int,
-                 storage: str = ""):
+                 storage: str = "", num_samples: int = 1):
         self.path, self.sweep, self.searches = path, sweep, dict(searches)
         self.base_method, self.steps = base_method, steps
         self.storage = storage   # where the trials' checkpoints may be read from (the sweep's Train runs)
+        self.num_samples = num_samples
 
     def _common(self, trial) -> dict:
         search = (trial.config or {}).get(SEARCH_KEY)
         test_domain, seed = self.searches.get(search, (None, None))
         params = without_search(trial.config)
         return {"sweep": self.sweep, "search": search, "test_domain": test_domain, "seed": seed,
-                "trial_id": trial.trial_id, "method": params.get("method.name", self.base_method),
+                "trial_id": trial.trial_id, "trial_index": (trial.config or {}).get(INDEX_KEY),
+                "method": params.get("method.name", self.base_method),
                 "params": params, "train_run": train_run_name(self.sweep, test_domain, seed, trial.trial_id)}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -187,16 +201,42 @@ class TrialLog(Callback):
             self._reconcile(trial)
             append_jsonl(self.path, {"event": "end", **self._common(trial), "status": "error",
                                      "error": error_reason(last[FAILED]), "step": step})
+            print(self.progress(), flush=True)
             return
         done = last.get("final") or (step is not None and step >= last.get("total_steps", self.steps))
         self._reconcile(trial)
         append_jsonl(self.path, {"event": "end", **self._common(trial), "status": "completed" if done else
                                  "early_stopped", "step": step})
+        print(self.progress(), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._reconcile(trial)
         append_jsonl(self.path, {"event": "end", **self._common(trial), "status": "error",
                                  "error": _trial_error(trial), "step": (trial.last_result or {}).get("step")})
+        print(self.progress(), flush=True)
+
+    def progress(self) -> str:
+        """One sweep-wide line: searches and trials done of their totals, the best source-val so far per held-out
+        domain, elapsed time and a rough ETA."""
+        from ..report import read_jsonl
+
+        rows = read_jsonl(self.path)
+        ends = {(r.get("search"), r.get("trial_id")) for r in rows if r.get("event") == "end"}
+        total = self.num_samples * len(self.searches)
+        done_per = {}
+        for search, _ in ends:
+            done_per[search] = done_per.get(search, 0) + 1
+        searches_done = sum(1 for s in self.searches if done_per.get(s, 0) >= self.num_samples)
+        best = {}
+        for r in rows:
+            if r.get("event") == "eval" and r.get("selectable", True) and isinstance(r.get("val_acc"), float):
+                best[r["test_domain"]] = max(best.get(r["test_domain"], 0.0), r["val_acc"])
+        starts = [r["timestamp"] - r.get("time_total_s", 0) for r in rows if isinstance(r.get("timestamp"), (int, float))]
+        elapsed = time.time() - min(starts) if starts else 0.0
+        eta = elapsed / len(ends) * (total - len(ends)) if ends else float("nan")
+        best_text = ", ".join(f"{d} {100 * v:.1f}" for d, v in sorted(best.items())) or "–"
+        return (f"[distill.tune] {len(ends)}/{total} trials, {searches_done}/{len(self.searches)} searches done; "
+                f"best source-val so far: {best_text}; elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
 
     def _reconcile(self, trial) -> None:
         """The trial's evaluation rows, made exactly those of the run that produced its last checkpoint (whose
@@ -225,6 +265,13 @@ ROW_FIELDS = ("step", "val_acc", METRIC, "test_acc", "test_out_acc", "val_loss",
 
 
 TUNE_FIELDS = ("training_iteration", "timestamp", "time_total_s", "checkpoint_path", "trial_index")
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:
+        return "–"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def keep_fields(result: dict) -> dict:
