@@ -262,8 +262,13 @@ def write(results: dict, out_dir: str | Path, selection: str | None = None) -> l
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill.report", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m distill.report") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Select models (training-domain validation, leave-one-domain-out, oracle) and build the "
+                               "DomainBed tables and plots of one or more sweeps.",
+        epilog="examples:\n  distill report distill_runs/demo\n"
+               "  distill report distill_runs/compare-* --out docs/evidence/compare --latex",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="SWEEP_DIR", help="<storage>/<sweep name> of finished or "
                                                                       "running sweeps (methods side by side)")
     parser.add_argument("--out", metavar="DIR", help="write results.md, results.csv (the table), selections.csv, "

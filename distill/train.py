@@ -17,8 +17,13 @@ from .trial.loop import BEST_METRIC, CHECKPOINT_FILE, SELECTION_METRIC, train_lo
 from .trial.prepare import prepare  # noqa: F401
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill.train", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m distill.train") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run one trial (one held-out domain, one seed) as a Ray Train TorchTrainer, tracked in "
+                               "MLflow; running the same trial again resumes it.",
+        epilog="examples:\n  distill train --config search_spaces/demo.yaml\n"
+               "  distill train --config search_spaces/demo.yaml --set method.name=kd --set test_domain=sketch",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="trial YAML (see search_spaces/demo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set method.name=kd --set test_domain=sketch")

@@ -11,8 +11,11 @@ from .registry import DatasetError, get_spec
 from .synth import ensure_world
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill.data", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m distill.data") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Draw the built-in world, or list a dataset's domains, classes and image counts.",
+        epilog="examples:\n  distill data synth --out distill_runs/data/synth\n  distill data info /data/PACS",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="draw the built-in world (idempotent)")
     p.add_argument("--out", required=True, help="directory of the world")

@@ -19,8 +19,14 @@ def preparation_errors() -> tuple:
     return (DatasetError, UnreadableImageError, TeacherError, PromptError, FileExistsError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill.tune", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m distill.tune") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run a hyperparameter sweep: every (held-out domain, seed) search at once, Ray Tune + "
+                               "Optuna over Ray Train trials, model selection and the DomainBed table, all in MLflow.",
+        epilog="examples:\n  distill tune --space search_spaces/demo.yaml --dry-run\n"
+               "  distill tune --space search_spaces/demo.yaml\n"
+               "  distill tune --space search_spaces/scmd.yaml --set search.num_samples=8 --resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", required=True, metavar="FILE.yaml",
                         help="sweep YAML: the trial schema plus `seeds` and `search` (see search_spaces/demo.yaml)")
     parser.add_argument("--storage", metavar="DIR_OR_URI",
