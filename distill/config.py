@@ -363,6 +363,9 @@ def reference_problems(cfg: dict) -> list[str]:
     elif (isinstance(backbone, str) and BACKBONES[backbone][1] is None
           and get_dotted(cfg, "student.pretrained") == "imagenet"):
         problems.append(f"student.pretrained: backbone {backbone!r} has no pretrained weights; use 'none'")
+    if get_dotted(cfg, "student.pretrained") == "builtin" and get_dotted(cfg, "dataset.name") != "synth":
+        problems.append("student.pretrained: 'builtin' weights are pretrained on the built-in world's photo corpus "
+                        "(distill.models.pretrain); use them with dataset.name: synth ('imagenet' elsewhere)")
     if isinstance(get_dotted(cfg, "teacher.arch"), str):
         teacher = dict(cfg["teacher"])
         if teacher.get("checkpoint") == FIT:

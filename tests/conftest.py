@@ -25,16 +25,17 @@ def session_storage(tmp_path_factory):
 
 
 # ---- teacher side (tests/test_teacher.py) ---------------------------------------------------------------------------
-TEACHER_TEST_STEPS = 250   # 40-per-class world, ~1 min: zero-shot 68-93% per domain (chance 20%)
+TEACHER_TEST_STEPS = None   # the built-in recipe: the package's shipped teacher is used (no fit)
 
 
 @pytest.fixture(scope="session")
 def fitted_teacher(tmp_path_factory):
-    """The built-in teacher fitted once for the session on a small world: {storage, root, checkpoint, steps}."""
+    """The built-in teacher for the session's small world (the shipped weights of the built-in recipe, copied into
+    storage; fitting it is tests/test_miniature.py's business): {storage, root, checkpoint, steps}."""
     from distill.data.synth import ensure_world
     from distill.models.fit import ensure_teacher
 
     storage = tmp_path_factory.mktemp("teacher-storage")
     root = ensure_world(storage / "data" / "synth", seed=0, per_class=40, size=32)
-    checkpoint = ensure_teacher(storage, root, steps=TEACHER_TEST_STEPS, seed=0)   # one CPU thread
+    checkpoint = ensure_teacher(storage, root, seed=0)
     return {"storage": storage, "root": root, "checkpoint": checkpoint, "steps": TEACHER_TEST_STEPS}

@@ -76,7 +76,7 @@ def test_no_module_unpickles_files_except_tunes_own_resume():
 
 def _tiny(storage, **train):
     raw = {"name": "faults", "storage": str(storage), "dataset": {"world": {"per_class": 20}},
-           "teacher": {"fit_steps": 60}, "student": {"backbone": "small_cnn"}, "method": {"name": "erm"},
+           "student": {"backbone": "small_cnn"}, "method": {"name": "erm"},
            "train": {"steps": 6, "batch_size": 8, "eval_every": 2, **train}}
     return raw
 
@@ -177,7 +177,7 @@ NODE_KILL = textwrap.dedent("""
     node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     raw = {"name": "nodes", "storage": str(storage), "dataset": {"world": {"per_class": 20}},
-           "teacher": {"fit_steps": 60}, "student": {"backbone": "small_cnn"}, "method": {"name": "erm"},
+           "student": {"backbone": "small_cnn"}, "method": {"name": "erm"},
            "train": {"steps": 600, "batch_size": 8, "eval_every": 100, "max_failures": 2}}
     cfg = trial_config(build_config(raw), "sketch")
     assets = prepare(cfg)

@@ -201,24 +201,31 @@ def test_fit_is_seeded_deterministic_and_can_start_from_a_checkpoint(random_ckpt
     assert moved and tuned["text_projection"].shape == start["text_projection"].shape
 
 
-def test_fitted_teacher_is_far_above_chance_on_every_domain(fitted_teacher):
-    summary = json.loads((fitted_teacher["checkpoint"].parent / (fitted_teacher["checkpoint"].name + ".json"))
-                         .read_text())
-    for prompts in ("domain", "single"):
-        accs = summary["zero_shot"][prompts]
-        assert set(DOMAINS) <= set(accs)
-        for d in DOMAINS:   # chance is 20%; measured well above (see docs/README-teacher.md)
-            assert accs[d] >= 0.40, (prompts, accs)
-    # the checkpoint is a plain open_clip file: loading it reproduces the recorded accuracies
+def test_fitted_teacher_reports_every_prompt_set_and_the_shipped_one_is_far_above_chance(fitted_teacher, tmp_path):
     from distill.data.images import load_images
     from distill.data.registry import get_spec
 
-    t = load_teacher(ARCH, checkpoint=fitted_teacher["checkpoint"])
+    summary = json.loads((fitted_teacher["checkpoint"].parent / (fitted_teacher["checkpoint"].name + ".json"))
+                         .read_text())
+    if "zero_shot" in summary:   # a fitted teacher (a shipped one records its accuracies with the package)
+        for prompts in ("domain", "domain, held out", "single"):
+            assert set(DOMAINS) <= set(summary["zero_shot"][prompts])
+        # the checkpoint is a plain open_clip file: loading it reproduces the recorded accuracies
+        t = load_teacher(ARCH, checkpoint=fitted_teacher["checkpoint"])
+        spec = get_spec("synth", fitted_teacher["root"])
+        images = load_images(fitted_teacher["root"], spec, store_size=32)
+        report = zero_shot_report(t, images.images, images.labels, images.domains, spec.class_names,
+                                  spec.domain_names, templates=["domain"])
+        assert report["domain"] == pytest.approx(summary["zero_shot"]["domain"], abs=1e-6)
+    # the built-in teacher (the package's weights, no fit) on the fixture's world: chance is 20%, measured 94-99% on
+    # the demo's world with the prompts of a trial (the held-out domain unnamed) and with "a photo of a {c}."
+    shipped = load_teacher(ARCH, checkpoint=ensure_teacher(tmp_path, fitted_teacher["root"], log=None))
     spec = get_spec("synth", fitted_teacher["root"])
     images = load_images(fitted_teacher["root"], spec, store_size=32)
-    report = zero_shot_report(t, images.images, images.labels, images.domains, spec.class_names,
-                              spec.domain_names, templates=["domain"])
-    assert report["domain"] == pytest.approx(summary["zero_shot"]["domain"], abs=1e-6)
+    report = zero_shot_report(shipped, images.images, images.labels, images.domains, spec.class_names,
+                              spec.domain_names, templates=["domain, held out", "single"])
+    for prompts, accs in report.items():
+        assert min(accs[d] for d in DOMAINS) >= 0.85, (prompts, accs)
 
 
 def test_ensure_teacher_reuses_the_fitted_checkpoint(fitted_teacher):

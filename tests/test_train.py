@@ -24,7 +24,6 @@ def tiny(storage, **over):
         "name": "t",
         "storage": str(storage),
         "dataset": {"world": {"per_class": 20}},
-        "teacher": {"fit_steps": 60},
         "method": {"name": "kd"},
         "train": {"steps": 6, "batch_size": 8, "eval_every": 3},
     }

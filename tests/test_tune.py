@@ -33,7 +33,6 @@ def tiny(storage, name, **sweep) -> dict:
         "storage": str(storage),
         "test_domains": ["sketch"],
         "dataset": {"world": {"per_class": 20}},
-        "teacher": {"fit_steps": 60},
         "student": {"backbone": "resnet18"},
         "method": {"name": "erm"},
         "train": {"steps": 10, "batch_size": 8, "eval_every": 5, "max_failures": 0, "amp": "off"},

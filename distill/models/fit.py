@@ -1,10 +1,12 @@
-"""Fit a CLIP-architecture teacher (from scratch or from a checkpoint/tag) on a captioned multi-domain dataset with
-open_clip's own ``ClipLoss``, and the cached built-in teacher (``ensure_teacher``).
+"""Fit a CLIP-architecture teacher (from scratch or from a checkpoint/tag) with open_clip's own ``ClipLoss``, and the
+cached built-in teacher (``ensure_teacher``).
 
-Captions come from ``manifest.jsonl`` in the dataset root (fields ``path``, ``caption``; the built-in world writes
-it) or default to ``"a {domain} of a {class}"``. Each step an image is paired with one of its caption variants: the
-manifest caption or the short ``"a {domain} of a {class}"``, either with or without a final period, so that the
-teacher also answers the usual zero-shot prompts.
+The built-in teacher (``synth``) is fitted on the teacher corpus (``distill.data.synth.corpus``: 25 shapes in 17
+styles, captions with style, colour, size, position and rotation, disjoint from every world's images), never on the
+task's images, with the recipe ``BUILTIN``; the package ships its weights (``distill.models.weights``), used when
+the recipe hash is the current one. Any other dataset is fitted on its own images: captions come from
+``manifest.jsonl`` in the dataset root (fields ``path``, ``caption``) or default to ``"a {domain} of a {class}"``;
+each step an image is paired with one of its caption variants (see ``caption_variants``).
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,21 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import configs as _configs  # noqa: F401  (registers the timm image tower of distill-tiny-rn)
 from .prompts import class_prompts
 from .teachers import Teacher, arch_image_size, load_teacher, normalize_arch
+from .weights import atomic_save, file_lock, write_json
 
 DEFAULT_ARCH = "distill-tiny-rn"
+# fitting on a dataset's own images (any dataset but synth)
 DEFAULTS = {"steps": 400, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.1, "warmup": 50, "threads": 1}
-FIT_VERSION = 1   # bump when the recipe changes: cached teachers then get a new key
+# the built-in teacher: on the teacher corpus; geometric augmentation is a mild crop and a flip (a flipped image is
+# paired with its mirror image's captions), no rotation, so that the captions' position and rotation words stay
+# true; token embeddings stay at their random init (the corpus has ~80 words: training all 49,408 rows of the
+# table only costs optimiser time)
+BUILTIN = {"steps": 2000, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.1, "warmup": 100, "crop": 0.8,
+           "flip": True, "rotate": False, "freeze_token_embedding": True}
+FIT_VERSION = 2   # bump when the recipe changes: cached teachers then get a new key
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -46,6 +56,7 @@ class Captioned:
     domain_names: list[str]
     domain_folders: list[str]
     fingerprint: str
+    mirrored: list[list[str]] | None = None     # per image: the variants of its mirror image (used when flipped)
 
     def select_domains(self, folders: Sequence[str]) -> "Captioned":
         """The images of some domains (folder names); domain indices keep their meaning."""
@@ -58,7 +69,8 @@ class Captioned:
         fp = hashlib.sha1(f"{self.fingerprint}|{sorted(folders)}".encode()).hexdigest()
         return Captioned(self.images[idx], self.labels[idx], self.domains[idx],
                          [self.captions[i] for i in idx.tolist()], self.class_names, self.domain_names,
-                         self.domain_folders, fp)
+                         self.domain_folders, fp,
+                         [self.mirrored[i] for i in idx.tolist()] if self.mirrored is not None else None)
 
 
 def caption_variants(caption: str | None, domain_name: str, class_name: str) -> list[str]:
@@ -111,21 +123,24 @@ def load_captioned(root: str | os.PathLike, dataset: str = "synth", size: int = 
 # training
 
 
-def light_augment(x01: torch.Tensor, generator: torch.Generator, scale=(0.6, 1.0), rotate: bool = True) -> torch.Tensor:
+def light_augment(x01: torch.Tensor, generator: torch.Generator, scale=(0.6, 1.0), rotate: bool = True,
+                  flip: bool = True, return_flips: bool = False):
     """Batched geometric augmentation, no colour changes (captions name colours): random resized crop (square,
-    area fraction in ``scale``), horizontal flip, and a random rotation when ``rotate``."""
+    area fraction in ``scale``), a horizontal flip when ``flip``, and a random rotation when ``rotate``. With
+    ``return_flips``, also the boolean mask of the flipped images."""
     n = x01.shape[0]
     s = torch.empty(n).uniform_(*scale, generator=generator).sqrt()
     tx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - s)
     ty = (torch.rand(n, generator=generator) * 2 - 1) * (1 - s)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
     a = torch.rand(n, generator=generator) * 2 * math.pi if rotate else torch.zeros(n)
     cos, sin = torch.cos(a), torch.sin(a)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = s * cos * flip, -s * sin, tx
     theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = s * sin * flip, s * cos, ty
     grid = F.affine_grid(theta, list(x01.shape), align_corners=False)
-    return F.grid_sample(x01, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    out = F.grid_sample(x01, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return (out, flip < 0) if return_flips else out
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
@@ -138,17 +153,30 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+HELD_OUT = "domain, held out"   # zero-shot on domain d with `domain` prompts over the OTHER domains (a trial's view)
+
+
 def zero_shot_report(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor,
                      class_names: Sequence[str], domain_names: Sequence[str],
-                     templates: Sequence = ("domain", "single"), batch_size: int = 512) -> dict[str, dict[str, float]]:
+                     templates: Sequence = ("domain", HELD_OUT, "single"),
+                     batch_size: int = 512) -> dict[str, dict[str, float]]:
     """Per-domain zero-shot accuracy of uint8 ``images`` for each template set:
-    {template set: {domain name: accuracy, ..., "mean": accuracy over all images}}."""
+    {template set: {domain name: accuracy, ..., "mean": accuracy over all images}}. ``HELD_OUT``: each domain d
+    with the ``domain`` templates expanded over the other domains only, as a trial with d held out prompts."""
     emb = torch.cat([teacher.encode_images(images[i:i + batch_size].float() / 255)
                      for i in range(0, len(images), batch_size)]).cpu()
     out = {}
     for t in templates:
-        text = teacher.class_text(class_prompts(list(class_names), t, list(domain_names))).cpu()
-        pred = (emb @ text.t()).argmax(1)
+        if t == HELD_OUT:
+            pred = torch.empty_like(labels)
+            for d, name in enumerate(domain_names):
+                others = [n for n in domain_names if n != name]
+                text = teacher.class_text(class_prompts(list(class_names), "domain", others)).cpu()
+                m = domains == d
+                pred[m] = (emb[m] @ text.t()).argmax(1)
+        else:
+            text = teacher.class_text(class_prompts(list(class_names), t, list(domain_names))).cpu()
+            pred = (emb @ text.t()).argmax(1)
         res = {}
         for d, name in enumerate(domain_names):
             m = domains == d
@@ -167,6 +195,18 @@ def format_report(report: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def chance_warnings(report: dict[str, dict[str, float]], num_classes: int, factor: float = 1.5) -> list[str]:
+    """One warning line per prompt set on which the teacher is near chance (below ``factor`` x chance) on some
+    domain."""
+    chance, out = 1 / max(1, num_classes), []
+    for t, res in report.items():
+        low = [f"{d} {100 * acc:.1f}%" for d, acc in res.items() if d != "mean" and acc < factor * chance]
+        if low:
+            out.append(f"WARNING: the fitted teacher is near chance with [{t}] prompts on {', '.join(low)} (chance "
+                       f"{100 * chance:.1f}%, warned below {factor:g}x chance): distilling it will not help there")
+    return out
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None):
     """Run with ``n`` intra-op CPU threads (None: leave torch's setting), restoring the setting afterwards."""
@@ -182,9 +222,11 @@ def torch_threads(n: int | None):
 def fit_clip(data: Captioned, arch: str = DEFAULT_ARCH, init: str | None = None, steps: int = DEFAULTS["steps"],
              batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
              weight_decay: float = DEFAULTS["weight_decay"], warmup: int = DEFAULTS["warmup"], seed: int = 0,
-             log: Callable[[str], None] | None = print, log_every: int = 50):
+             log: Callable[[str], None] | None = print, log_every: int = 50, crop: float = 0.6, flip: bool = True,
+             rotate: bool = True, freeze_token_embedding: bool = False):
     """Train an open_clip model with ``ClipLoss``: from scratch (``init=None``) or from a checkpoint file / tag.
-    Returns the model (eval mode, on CPU). Deterministic for a given seed and torch thread count."""
+    Augmentation: ``light_augment`` (crop of ``crop``-1 of the area, ``flip``, ``rotate``). Returns the model (eval
+    mode, on CPU). Deterministic for a given seed and torch thread count."""
     import open_clip
     from open_clip.loss import ClipLoss
 
@@ -198,16 +240,20 @@ def fit_clip(data: Captioned, arch: str = DEFAULT_ARCH, init: str | None = None,
         model = open_clip.create_model(arch, pretrained=None)
         cfg = open_clip.get_model_preprocess_cfg(model)
         mean, std = cfg["mean"], cfg["std"]
+    if freeze_token_embedding and hasattr(model, "token_embedding"):
+        model.token_embedding.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(arch)
     size = model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
 
-    # tokens of every distinct caption, and per image the indices of its variants
-    vocab = list(dict.fromkeys(c for caps in data.captions for c in caps))
+    # tokens of every distinct caption, and per image the indices of its variants (and of its mirror image's)
+    mirrored = data.mirrored if data.mirrored is not None else data.captions
+    vocab = list(dict.fromkeys(c for caps in (*data.captions, *mirrored) for c in caps))
     where = {c: i for i, c in enumerate(vocab)}
     tokens = tokenizer(vocab)
-    nvar = max(len(c) for c in data.captions)
+    nvar = max(len(c) for c in (*data.captions, *mirrored))
     var_idx = torch.tensor([[where[c[j % len(c)]] for j in range(nvar)] for c in data.captions])
+    var_mirror = torch.tensor([[where[c[j % len(c)]] for j in range(nvar)] for c in mirrored])
 
     images = data.images
     if images.shape[-1] != size:
@@ -231,10 +277,11 @@ def fit_clip(data: Captioned, arch: str = DEFAULT_ARCH, init: str | None = None,
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + batch_size]
         pos += batch_size
-        x = light_augment(images[idx].float() / 255, gen)
+        x, flipped = light_augment(images[idx].float() / 255, gen, scale=(crop, 1.0), rotate=rotate, flip=flip,
+                                   return_flips=True)
         x = (x - mean_t) / std_t
         choice = torch.randint(nvar, (len(idx),), generator=gen)
-        text = tokens[var_idx[idx, choice]]
+        text = tokens[torch.where(flipped, var_mirror[idx, choice], var_idx[idx, choice])]
         img_f, txt_f, scale = model(x, text)[:3]
         loss = loss_fn(img_f, txt_f, scale)
         opt.zero_grad(set_to_none=True)
@@ -252,25 +299,7 @@ def fit_clip(data: Captioned, arch: str = DEFAULT_ARCH, init: str | None = None,
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Atomically write a plain state_dict that ``open_clip.create_model(arch, pretrained=path)`` loads."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_json(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    return atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
 def fit_teacher(data_root: str | os.PathLike, out: str | os.PathLike, dataset: str = "synth",
@@ -283,13 +312,6 @@ def fit_teacher(data_root: str | os.PathLike, out: str | os.PathLike, dataset: s
 
     ``threads``: torch CPU threads for the fit (default 1: this small model gains little from more, and loses
     badly when the cores are shared with other work)."""
-    with torch_threads(threads):
-        return _fit_teacher(data_root, out, dataset, arch, init, steps, batch_size, lr, weight_decay, seed, domains,
-                            cache_dir, log)
-
-
-def _fit_teacher(data_root, out, dataset, arch, init, steps, batch_size, lr, weight_decay, seed, domains, cache_dir,
-                 log) -> dict:
     arch = normalize_arch(arch)
     size = arch_image_size(arch) or 224
     data = load_captioned(data_root, dataset, size=size, cache_dir=cache_dir)
@@ -298,12 +320,14 @@ def _fit_teacher(data_root, out, dataset, arch, init, steps, batch_size, lr, wei
         log(f"fit {arch} on {len(train.labels)} images of {dataset} ({', '.join(domains or data.domain_folders)}), "
             f"{steps} steps, batch {batch_size}, lr {lr}, seed {seed}, init {init or 'scratch'}")
     t0 = time.time()
-    model = fit_clip(train, arch=arch, init=init, steps=steps, batch_size=batch_size, lr=lr,
-                     weight_decay=weight_decay, seed=seed, log=log)
-    seconds = time.time() - t0
-    path = save_checkpoint(model, out)
-    teacher = load_teacher(arch, checkpoint=path)
-    report = zero_shot_report(teacher, data.images, data.labels, data.domains, data.class_names, data.domain_names)
+    with torch_threads(threads):
+        model = fit_clip(train, arch=arch, init=init, steps=steps, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, seed=seed, log=log)
+        seconds = time.time() - t0
+        path = save_checkpoint(model, out)
+        teacher = load_teacher(arch, checkpoint=path)
+        report = zero_shot_report(teacher, data.images, data.labels, data.domains, data.class_names,
+                                  data.domain_names)
     summary = {"arch": arch, "checkpoint": str(path), "teacher_id": teacher.id, "dataset": dataset,
                "data_root": str(data_root), "data_fingerprint": train.fingerprint, "images": len(train.labels),
                "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
@@ -313,24 +337,13 @@ def _fit_teacher(data_root, out, dataset, arch, init, steps, batch_size, lr, wei
     if log:
         log(f"fitted in {seconds:.0f}s -> {path}")
         log(format_report(report))
+        for line in chance_warnings(report, len(data.class_names)):
+            log(line)
     return summary
 
 
 # --------------------------------------------------------------------------------------------------------------
 # the cached built-in teacher
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive advisory lock (POSIX), so concurrent callers fit a teacher once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            import fcntl
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover (not POSIX)
-            pass
-        yield
 
 
 def _captions_hash(root: str | os.PathLike) -> str | None:
@@ -345,30 +358,132 @@ def _captions_hash(root: str | os.PathLike) -> str | None:
     return h.hexdigest() if found else None
 
 
-def ensure_teacher(storage: str | os.PathLike, data_root: str | os.PathLike, dataset: str = "synth",
-                   arch: str = DEFAULT_ARCH, steps: int = DEFAULTS["steps"], seed: int = 0,
-                   log: Callable[[str], None] | None = print, **fit_kwargs) -> Path:
-    """The fitted teacher for (data, steps, seed, arch), fitted on first use and cached at
-    ``<storage>/teachers/<arch>-<hash>.pt`` (zero-shot accuracies in ``<...>.pt.json``)."""
-    from ..data.images import fingerprint, list_images
-    from ..data.registry import get_spec
+def builtin_recipe(arch: str = DEFAULT_ARCH, steps: int | None = None, seed: int = 0, per_class: int | None = None,
+                   **overrides) -> dict:
+    """Everything the built-in teacher is a function of (its hash keys the cache and the shipped weights): the
+    architecture's config, the teacher corpus's parameters, ``BUILTIN`` with ``overrides``, the seed."""
+    import open_clip
 
+    from ..data.synth.corpus import TEACHER_CORPUS, corpus_params
+
+    unknown = sorted(set(overrides) - set(BUILTIN))
+    if unknown:
+        raise ValueError(f"built-in teacher: unknown recipe key(s) {unknown}; known: {sorted(BUILTIN)}")
+    arch = normalize_arch(arch)
+    rec = {**BUILTIN, **{k: v for k, v in overrides.items() if v is not None}}
+    rec.update(arch=arch, arch_config=open_clip.get_model_config(arch), seed=int(seed),
+               steps=int(steps or BUILTIN["steps"]), fit_version=FIT_VERSION,
+               corpus=corpus_params(TEACHER_CORPUS, size=arch_image_size(arch) or 32, per_class=per_class))
+    return rec
+
+
+def recipe_key(rec: dict) -> str:
+    return hashlib.sha1(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def corpus_captioned(path: str | os.PathLike) -> Captioned:
+    """A drawn teacher corpus as fitting data (styles play the domains)."""
+    import numpy as np
+
+    from ..data.synth.corpus import load_corpus
+
+    c = load_corpus(path)
+    return Captioned(torch.from_numpy(np.array(c.images)), torch.from_numpy(c.labels.astype("int64")),
+                     torch.from_numpy(c.styles.astype("int64")), [r["captions"] for r in c.rows], c.classes,
+                     c.style_names, c.style_names, c.params["hash"], [r["mirrored"] for r in c.rows])
+
+
+def fit_builtin(storage: str | os.PathLike, rec: dict, out: str | os.PathLike, data_root=None, dataset: str = "synth",
+                log: Callable[[str], None] | None = print, threads: int | None = DEFAULTS["threads"]) -> dict:
+    """Fit the built-in teacher of recipe ``rec`` on its corpus (drawn under ``<storage>/corpora`` on first use),
+    save ``out`` + ``out.json``; the zero-shot report is on the task's images at ``data_root`` when given."""
+    from ..data.synth.corpus import ensure_corpus
+
+    t0 = time.time()
+    corpus = ensure_corpus(Path(storage).expanduser().absolute() / "corpora", rec["corpus"], log=log)
+    data = corpus_captioned(corpus)
+    fit_args = {k: rec[k] for k in BUILTIN if k != "steps"}
+    if log:
+        log(f"fit {rec['arch']} on the teacher corpus {corpus.name} ({len(data.labels)} images, "
+            f"{len(data.class_names)} shapes, {len(data.domain_names)} styles), {rec['steps']} steps, {fit_args}, "
+            f"seed {rec['seed']} (recipe {recipe_key(rec)})")
+    with torch_threads(threads):
+        t1 = time.time()
+        model = fit_clip(data, arch=rec["arch"], steps=rec["steps"], seed=rec["seed"], log=log, **fit_args)
+        seconds = time.time() - t1
+        path = save_checkpoint(model, out)
+        summary = {"arch": rec["arch"], "checkpoint": str(path), "recipe": rec, "recipe_hash": recipe_key(rec),
+                   "corpus": str(corpus), "fit_seconds": round(seconds, 1), "fit_version": FIT_VERSION}
+        if data_root is not None:
+            from ..data.images import load_images
+            from ..data.registry import get_spec
+
+            spec = get_spec(dataset, data_root)
+            task = load_images(data_root, spec, store_size=arch_image_size(rec["arch"]) or 32,
+                               cache_dir=Path(storage) / "cache")
+            teacher = load_teacher(rec["arch"], checkpoint=path)
+            summary.update(teacher_id=teacher.id, data_root=str(data_root), data_fingerprint=task.fingerprint,
+                           zero_shot=zero_shot_report(teacher, task.images, task.labels, task.domains,
+                                                      spec.class_names, spec.domain_names))
+    summary["seconds"] = round(time.time() - t0, 1)
+    write_json(summary, Path(str(path) + ".json"))
+    if log:
+        log(f"fitted in {seconds:.0f}s ({summary['seconds']:.0f}s with the corpus and the report) -> {path}")
+        if "zero_shot" in summary:
+            log(f"on the task's {len(task.labels)} images at {data_root} (chance {100 / len(spec.classes):.0f}%):")
+            log(format_report(summary["zero_shot"]))
+            for line in chance_warnings(summary["zero_shot"], len(spec.classes)):
+                log(line)
+    return summary
+
+
+def ensure_teacher(storage: str | os.PathLike, data_root: str | os.PathLike, dataset: str = "synth",
+                   arch: str = DEFAULT_ARCH, steps: int | None = None, seed: int = 0,
+                   log: Callable[[str], None] | None = print, use_shipped: bool = True, **fit_kwargs) -> Path:
+    """The fitted teacher, cached at ``<storage>/teachers/<arch>-<hash>.pt`` (its summary in ``<...>.pt.json``).
+
+    ``synth``: the built-in teacher of ``builtin_recipe(arch, steps, seed, **fit_kwargs)`` (the task's images play
+    no part in it, and in its key): the package's shipped weights when their recipe hash is this one, else fitted
+    on the teacher corpus on first use. Other datasets: fitted on the dataset's own images (the key covers them).
+    Written atomically under a file lock, so concurrent drivers fit once."""
     arch = normalize_arch(arch)
     storage = Path(storage).expanduser().absolute()
-    size = arch_image_size(arch) or 224
-    files = list_images(data_root, get_spec(dataset, data_root))     # no decoding: paths and sizes
-    settings = {"fingerprint": fingerprint(files, size), "captions": _captions_hash(data_root), "steps": int(steps),
-                "seed": int(seed), "arch": arch, "dataset": dataset, "fit_version": FIT_VERSION,
-                **{k: fit_kwargs[k] for k in sorted(fit_kwargs) if k not in ("threads", "cache_dir")}}
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    threads = fit_kwargs.pop("threads", DEFAULTS["threads"])
+    fit_kwargs.pop("cache_dir", None)
+    if str(dataset).lower() == "synth":
+        rec = builtin_recipe(arch, steps, seed, **fit_kwargs)
+        key = recipe_key(rec)
+    else:
+        from ..data.images import fingerprint, list_images
+        from ..data.registry import get_spec
+
+        size = arch_image_size(arch) or 224
+        files = list_images(data_root, get_spec(dataset, data_root))     # no decoding: paths and sizes
+        settings = {"fingerprint": fingerprint(files, size), "captions": _captions_hash(data_root),
+                    "steps": int(steps or DEFAULTS["steps"]), "seed": int(seed), "arch": arch, "dataset": dataset,
+                    "fit_version": FIT_VERSION, **{k: fit_kwargs[k] for k in sorted(fit_kwargs)}}
+        key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = storage / "teachers" / f"{arch}-{key}.pt"
     if path.is_file():
         if log:
             log(f"teacher: reusing fitted {path}")
         return path
-    with _file_lock(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         if path.is_file():
             return path
-        fit_teacher(data_root, path, dataset=dataset, arch=arch, steps=steps, seed=seed,
-                    cache_dir=storage / "cache", log=log, **fit_kwargs)
+        if str(dataset).lower() != "synth":
+            fit_teacher(data_root, path, dataset=dataset, arch=arch, steps=steps or DEFAULTS["steps"], seed=seed,
+                        cache_dir=storage / "cache", log=log, threads=threads, **fit_kwargs)
+            return path
+        from .weights import materialise
+
+        shipped = materialise(f"teacher-{arch}", key, path) if use_shipped else None
+        if shipped is not None:
+            write_json({"arch": arch, "checkpoint": str(path), "recipe": rec, "recipe_hash": key, "source": "shipped",
+                        **{k: shipped[k] for k in ("sha256", "command", "zero_shot", "fit_seconds") if k in shipped}},
+                       Path(str(path) + ".json"))
+            if log:
+                log(f"teacher: {arch} weights from the package (recipe {key}) -> {path}")
+            return path
+        fit_builtin(storage, rec, path, data_root=data_root, dataset=dataset, log=log, threads=threads)
     return path

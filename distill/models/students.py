@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torchvision
 from torch import nn
@@ -36,7 +38,8 @@ class SmallCNN(nn.Module):
     """A small CNN for small images (32-64 px), in the spirit of DomainBed's MNIST_CNN: three blocks of 3x3 conv,
     BatchNorm, ReLU and 2x2 max-pool (width, 2*width, 4*width channels), then average pooling to a 4x4 grid, flattened
     (16 * 4 * width features, whatever the input size: the coarse layout is kept). Trains from scratch in a minute on
-    a CPU (the built-in world, tests, laptops); there are no pretrained weights for it."""
+    a CPU (the built-in world, tests, laptops); it has no ImageNet weights, only the built-in ones
+    (``pretrained: builtin``)."""
 
     def __init__(self, width: int = 16):
         super().__init__()
@@ -75,7 +78,7 @@ class PretrainedWeightsUnavailable(RuntimeError):
 
 
 def _weights(backbone: str, pretrained: str):
-    if pretrained == "none":
+    if pretrained != "imagenet":
         return None
     enum = getattr(torchvision.models, BACKBONES[backbone][1])
     return enum.DEFAULT  # IMAGENET1K_V2 for ResNet-50, as SCMD used
@@ -114,14 +117,32 @@ class Student(nn.Module):
         return {"features": features, "embed": self.proj(features), "logits": self.classifier(features)}
 
 
+PRETRAINED = ("none", "imagenet", "builtin")
+
+
+def load_backbone_weights(net: nn.Module, weights_path: str | os.PathLike, backbone: str) -> None:
+    """Load a pretrained backbone state_dict (``distill.models.pretrain.ensure_student``) into ``net``."""
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not hold {backbone!r} backbone weights (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+
+
 def build_student(backbone: str = "resnet18", pretrained: str = "none", freeze_bn: bool = False,
-                  embed_dim: int = 512, num_classes: int = 7) -> Student:
+                  embed_dim: int = 512, num_classes: int = 7, weights_path: str | os.PathLike | None = None) -> Student:
+    """A student. ``pretrained``: ``none`` (random init), ``imagenet`` (torchvision's weights) or ``builtin``
+    (weights pretrained on the built-in photo corpus: ``weights_path``, which the driver resolves with
+    ``distill.models.pretrain.ensure_student``; the workers never pretrain)."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown student backbone {backbone!r}; known: {sorted(BACKBONES)}")
-    if pretrained not in ("none", "imagenet"):
-        raise ValueError(f"student.pretrained must be 'none' or 'imagenet', got {pretrained!r}")
+    if pretrained not in PRETRAINED:
+        raise ValueError(f"student.pretrained must be one of {PRETRAINED}, got {pretrained!r}")
     if pretrained == "imagenet" and BACKBONES[backbone][1] is None:
         raise ValueError(f"student backbone {backbone!r} has no pretrained weights: set student.pretrained: none")
+    if pretrained == "builtin" and weights_path is None:
+        raise ValueError("student.pretrained: builtin needs the pretrained weights file (weights_path), resolved by "
+                         "the driver: distill.models.pretrain.ensure_student(storage, backbone, image_size)")
     try:
         net, dim = BACKBONES[backbone][0](_weights(backbone, pretrained))
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
@@ -130,6 +151,8 @@ def build_student(backbone: str = "resnet18", pretrained: str = "none", freeze_b
             f"On a machine with internet run `python -c \"import torchvision; torchvision.models.{backbone}"
             f"(weights='DEFAULT')\"` to fill the torch hub cache ($TORCH_HOME, default ~/.cache/torch), copy that "
             f"cache here, or set student.pretrained: none.") from exc
+    if pretrained == "builtin":
+        load_backbone_weights(net, weights_path, backbone)
     if freeze_bn:
         freeze_batchnorm(net)
     return Student(net, dim, embed_dim, num_classes)

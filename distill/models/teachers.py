@@ -32,6 +32,8 @@ ZERO_SHOT_SCALE = 100.0
 def _register_builtin_configs() -> None:
     from open_clip import factory
 
+    from . import configs  # noqa: F401 - registers the built-in teacher's image tower (timm) in every process
+
     if not any(Path(p).resolve() == CONFIG_DIR for p in factory._MODEL_CONFIG_PATHS):
         open_clip.add_model_config(CONFIG_DIR)
 

@@ -182,7 +182,8 @@ class Trainer:
         method_cls = get_method(cfg["method"]["name"])
         hp = method_hparams(cfg, self.assets.get("teacher_logit_scale"))
         student = build_student(cfg["student"]["backbone"], cfg["student"]["pretrained"], cfg["student"]["freeze_bn"],
-                                embed_dim=self.assets["embed_dim"], num_classes=len(spec.classes))
+                                embed_dim=self.assets["embed_dim"], num_classes=len(spec.classes),
+                                weights_path=self.assets.get("student_weights"))
         self.method = method_cls(student, hp, ctx, outputs.text).to(self.device)
         if self.device.type == "cuda":   # convolutional students: channels_last (the feeder gives such inputs)
             self.method.student.to(memory_format=torch.channels_last)

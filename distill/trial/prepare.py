@@ -135,7 +135,13 @@ def prepare(cfg: dict) -> dict:
     teacher = teacher_spec(cfg)
     ctx = method_context(cfg, spec, splits, embed_dim=0)
     out = teacher_outputs(cfg, images, ctx, teacher)
+    student_weights = None
+    if cfg["student"]["pretrained"] == "builtin":   # pretrained once on the built-in photo corpus (or shipped)
+        from ..models.pretrain import ensure_student
+
+        student_weights = str(ensure_student(cfg["storage"], cfg["student"]["backbone"], cfg["dataset"]["image_size"]))
     return {"teacher": teacher, "embed_dim": int(out.embed_dim), "teacher_id": out.teacher_id,
+            "student_weights": student_weights,
             "teacher_logit_scale": out.logit_scale, "stages": trial_steps(cfg),
             "split_hash": splits.split_hash, "images_fingerprint": images.fingerprint,
             "skipped_images": list(images.skipped), "source_domains": list(splits.source_domains),
