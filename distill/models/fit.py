@@ -480,7 +480,8 @@ def ensure_teacher(storage: str | os.PathLike, data_root: str | os.PathLike, dat
         shipped = materialise(f"teacher-{arch}", key, path) if use_shipped else None
         if shipped is not None:
             write_json({"arch": arch, "checkpoint": str(path), "recipe": rec, "recipe_hash": key, "source": "shipped",
-                        **{k: shipped[k] for k in ("sha256", "command", "zero_shot", "fit_seconds") if k in shipped}},
+                        **{k: shipped[k] for k in ("sha256", "command", "zero_shot", "zero_shot_on", "fit_seconds")
+                           if k in shipped}},
                        Path(str(path) + ".json"))
             if log:
                 log(f"teacher: {arch} weights from the package (recipe {key}) -> {path}")
