@@ -9,11 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray with 2 CPUs, shared by every test that starts trials."""
+    """A real local Ray with 2 CPUs, shared by every test that starts trials. Always a new instance of its own
+    (address="local"): a cluster already running on the machine (a user's `ray start`, a benchmark) is never joined,
+    and its CPUs never decide the tests' timing."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=True)
+        ray.init(address="local", num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
 
