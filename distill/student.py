@@ -53,11 +53,14 @@ def _pretrain(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m distill.student") -> int:
     from .models.pretrain import RECIPES
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m distill.student", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description="Pretrain a student backbone on the built-in photo corpus "
+                                "(student.pretrained: builtin).", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  distill student pretrain --backbone small_cnn\n"
+                                       "  distill student pretrain --backbone resnet18 --image-size 64 --force\n")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("pretrain", help="pretrain a student backbone on the built-in photo corpus")
     f.add_argument("--backbone", required=True, choices=sorted(RECIPES))

@@ -125,11 +125,20 @@ def _zeroshot(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+EXAMPLES = """examples:
+  distill teacher fit --data distill_runs/data/synth                  the built-in teacher (on its corpus)
+  distill teacher fit --data ~/data/PACS --dataset PACS --init openai --arch ViT-B-16 --on data
+  distill teacher zeroshot --arch ViT-B-16 --pretrained openai --data ~/data/PACS --dataset PACS
+"""
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m distill.teacher") -> int:
     from .models.fit import DEFAULT_ARCH, DEFAULTS
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m distill.teacher", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description="Fit a CLIP-architecture teacher, or measure a teacher's "
+                                "per-domain zero-shot accuracy.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fit", help="fit a CLIP-architecture teacher with open_clip's ClipLoss")
