@@ -186,9 +186,7 @@ def reference_rate(cfg: dict, s: dict, device, online: bool, steps: int) -> floa
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    rate = n / _time(step, steps, device)
-    del it, loader
-    return rate
+    return n / _time(step, steps, device)
 
 
 # ------------------------------------------------------------------------------------------------- extra GPU cases
@@ -204,9 +202,9 @@ def host_vs_gpu(s: dict, storage: Path, teacher: Path, device) -> dict:
 
 def shared_gpu(s: dict, storage: Path, teacher: Path, n: int = 4) -> dict:
     """n small_cnn trials at once on one GPU (separate processes, as gpus_per_worker 1/n): summed images/s."""
-    code = ("import sys, json; sys.path.insert(0, %r); from benchmarks.loop import *; "
-            "s = settings('cuda', False); cfg = trial_cfg(s, %r, %r, 'small_cnn', 'kd', 300); "
-            "print('RATE', loop_rate(cfg))") % (str(ROOT), str(storage), str(teacher))
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.loop import *; "
+            f"s = settings('cuda', False); cfg = trial_cfg(s, {str(storage)!r}, {str(teacher)!r}, 'small_cnn', "
+            f"'kd', 300); print('RATE', loop_rate(cfg))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(n)]
     rates = []
     for p in procs:
@@ -240,7 +238,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             loop = loop_rate(cfg)
             bare = bare_rate(cfg, s, device, online, max(3, steps // 3))
-            ref = reference_rate(cfg, s, device, online and True, s["ref_steps"]) if case != "scmd" else None
+            ref = reference_rate(cfg, s, device, case != "erm", s["ref_steps"])   # a fork runs its teacher online
             row = {"student": student, "case": case, "img_per_s": round(loop, 1), "bare_img_per_s": round(bare, 1),
                    "reference_img_per_s": round(ref, 1) if ref else None,
                    "loop_vs_bare": round(loop / bare, 3),
@@ -271,7 +269,7 @@ def main(argv=None) -> int:
 
 
 def print_table(result: dict) -> None:
-    print(f"\n| student | case | loop img/s | bare img/s | reference img/s | loop/bare | loop/reference |")
+    print("\n| student | case | loop img/s | bare img/s | reference img/s | loop/bare | loop/reference |")
     print("|---|---|---|---|---|---|---|")
     for r in result["cases"]:
         ref = f"{r['reference_img_per_s']:.0f}" if r["reference_img_per_s"] else "–"

@@ -1,4 +1,4 @@
-"""Does a sweep keep its cluster full? ``python benchmarks/sweep.py [--nodes 4] [--trials 4] [--steps 300]``.
+"""Does a sweep keep its cluster full? ``python benchmarks/sweep.py [--nodes 2] [--trials 4] [--steps 300]``.
 
 Starts a simulated multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head with no CPU for
 trials, plus ``--nodes`` nodes of one CPU each), runs a sweep of short ``small_cnn`` trials over several searches
@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 def sweep_yaml(storage: Path, trials: int, steps: int, nodes: int) -> dict:
     return {"name": "bench-sweep", "storage": str(storage), "seeds": [0], "test_domains": None,
-            "dataset": {"world": {"per_class": 40}}, "teacher": {"fit_steps": 100, "prompts": "single"},
-            "student": {"backbone": "small_cnn"}, "method": {"name": "erm"},
+            "dataset": {"world": {"per_class": 40}}, "teacher": {"prompts": "single"},
+            "student": {"backbone": "small_cnn", "pretrained": "builtin"}, "method": {"name": "erm"},
             "train": {"steps": steps, "batch_size": 32, "eval_every": steps // 2, "amp": "off",
                       "lr_schedule": "cosine", "lr": 3e-3},
             "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
@@ -47,7 +47,8 @@ def sweep_yaml(storage: Path, trials: int, steps: int, nodes: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=4, help="simulated worker nodes of 1 CPU each")
+    parser.add_argument("--nodes", type=int, default=2,
+                        help="simulated worker nodes of 1 CPU each (more than the machine's cores oversubscribes)")
     parser.add_argument("--trials", type=int, default=4, help="trials per search (4 searches)")
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per trial")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

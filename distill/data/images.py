@@ -149,7 +149,8 @@ def _check_layout(root: str, spec_name: str, stamp: tuple) -> tuple[tuple[str, .
         files = list_images(root, spec)
     except DatasetError as exc:
         return (str(exc),), ()
-    return tuple(layout_problems(root, spec, files)[0]), tuple(layout_problems(root, spec, files)[1])
+    errors, warnings = layout_problems(root, spec, files)
+    return tuple(errors), tuple(warnings)
 
 
 def fingerprint(files: list[tuple[str, int]], store_size: int) -> str:
