@@ -81,13 +81,16 @@ def _groups(rows: list[dict], sweep: str, methods: list[str], searched: bool) ->
     return [{"label": label, "sweep": sweep, "methods": present, "overall": True}]
 
 
-def build(sweeps: list[dict], error: str = "se", selection: str = "validation") -> dict:
+def build(sweeps: list[dict], error: str = "se", selection: str = "validation", baseline: str | None = "erm") -> dict:
     """sweeps: [{"name", "rows", "lodo" (lodo rows, optional), "plan" (plan.json or {}), "runs" ({train run: MLflow
     run id}), "events", "teacher" (teacher.json or None, optional)}]. `error`: the error bar (a key of ERRORS);
     `selection`: the main table (a key of SELECTIONS), recorded for the renderers.
 
+    `baseline`: the method row the others are compared with, pair by pair, under the main selection (`paired`; None
+    when no row has that label).
+
     Returns (accuracies as fractions) `table` and `selected` per selection, `gap` (oracle minus validation per method
-    row, domain and Avg), `teacher` (a list: one entry per distinct teacher.json, see `_teachers`), `chance`
+    row, domain and Avg), `paired` (see `_paired`), `teacher` (a list: one entry per distinct teacher.json, see `_teachers`), `chance`
     (1/#classes or None), the domains, seeds, groups, counts and failures."""
     if error not in ERRORS:
         raise ValueError(f"unknown error kind {error!r}; one of {sorted(ERRORS)}")
@@ -164,6 +167,7 @@ def build(sweeps: list[dict], error: str = "se", selection: str = "validation") 
         "error": error, "error_name": ERRORS[error],
         "groups": [{k: v for k, v in g.items() if k not in ("rows", "runs", "lodo_index")} for g in groups],
         "table": table, "selected": selected, "gap": _gap(table), "teacher": teachers, "chance": chance,
+        "paired": _paired(table[selection], selected[selection], baseline, domains, error, selection),
         "lodo_rows": {sw["name"]: len(sw.get("lodo") or []) for sw in sweeps},
         "counts": {"trials": len(trials), "rows": sum(len(sw["rows"]) for sw in sweeps),
                    "lodo_rows": sum(len(sw.get("lodo") or []) for sw in sweeps),
@@ -186,6 +190,39 @@ def _gap(table: dict[str, list]) -> list[dict]:
         out.append({"method": val["method"], "sweep": val["sweep"], "overall": val["overall"], "domains": doms,
                     "avg": avg})
     return out
+
+
+def _paired(rows: list[dict], selected: list[dict], baseline: str | None, domains: list[str], error: str,
+            selection: str) -> dict | None:
+    """Each method row against the `baseline` row, on the same (test domain, seed) pairs (a paired comparison: the
+    split, the world and the seed are shared, so the pair's difference is the method's effect there). Per row:
+    `domains` (mean difference per test domain), `avg` (stats over seeds of the per-seed Avg difference, seeds
+    with every domain on both sides), `wins` / `losses` / `pairs` (pairs where the row is above / below the
+    baseline), and `source_val` (the mean source-domain validation accuracy of the row's selected models; the
+    baseline row carries it too). Fractions. None without a baseline row."""
+    base = next((r for r in rows if r["method"] == baseline), None)
+    if base is None:
+        return None
+    vals: dict[str, list[float]] = {}
+    for s in selected:
+        if isinstance(s.get("val_acc"), (int, float)):
+            vals.setdefault(s["method_group"], []).append(float(s["val_acc"]))
+    out = []
+    for r in rows:
+        diffs = {(d, seed): acc - base["domains"][d]["seeds"][seed]
+                 for d in domains if d in r["domains"] and d in base["domains"]
+                 for seed, acc in r["domains"][d]["seeds"].items() if seed in base["domains"][d]["seeds"]}
+        seeds = sorted({seed for _, seed in diffs})
+        full = [seed for seed in seeds if all((d, seed) in diffs for d in domains)]
+        out.append({
+            "method": r["method"], "sweep": r["sweep"], "is_baseline": r is base,
+            "domains": {d: statistics.fmean(v for (dd, _), v in diffs.items() if dd == d)
+                        for d in domains if any(dd == d for dd, _ in diffs)},
+            "avg": _stats([statistics.fmean(diffs[(d, seed)] for d in domains) for seed in full], error),
+            "wins": sum(v > 1e-12 for v in diffs.values()), "losses": sum(v < -1e-12 for v in diffs.values()),
+            "pairs": len(diffs),
+            "source_val": statistics.fmean(vals[r["method"]]) if vals.get(r["method"]) else None})
+    return {"baseline": baseline, "selection": selection, "rows": out}
 
 
 def _teachers(sweeps: list[dict], domains: list[str]) -> tuple[list[dict], float | None]:
@@ -229,8 +266,9 @@ def load_sweep(path: str | Path) -> dict:
             "runs": _json(path / "runs.json"), "events": load_events(path), "teacher": load_teacher(path)}
 
 
-def build_from_dirs(paths: Iterable[str | Path], error: str = "se", selection: str = "validation") -> dict:
-    return build([load_sweep(p) for p in paths], error=error, selection=selection)
+def build_from_dirs(paths: Iterable[str | Path], error: str = "se", selection: str = "validation",
+                    baseline: str | None = "erm") -> dict:
+    return build([load_sweep(p) for p in paths], error=error, selection=selection, baseline=baseline)
 
 
 # ---------------------------------------------------------------------------------------------------- accessors
@@ -283,11 +321,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m distill.report") 
     parser.add_argument("--latex", action="store_true",
                         help="also print the tables as LaTeX (DomainBed's collect_results.py --latex: booktabs, one "
                              "table per selection); --out writes results.tex either way")
+    parser.add_argument("--baseline", metavar="METHOD", default=None,
+                        help="the method row the others are compared with pair by pair (same held-out domain and "
+                             "seed: mean difference, wins/losses, source validation); default erm when the table "
+                             "has an erm row; none: no paired table")
     args = parser.parse_args(argv)
+    baseline = None if args.baseline == "none" else (args.baseline or "erm")
     try:
-        results = build_from_dirs(args.paths, error=args.error, selection=CLI_SELECTIONS[args.selection])
+        results = build_from_dirs(args.paths, error=args.error, selection=CLI_SELECTIONS[args.selection],
+                                  baseline=baseline)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.baseline not in (None, "none") and results["paired"] is None:
+        labels = [r["method"] for r in results["table"]["validation"]]
+        print(f"error: --baseline {args.baseline!r} is not a method row of these sweeps; one of {labels}",
+              file=sys.stderr)
         return 2
     print(render_text(results))
     if args.latex:

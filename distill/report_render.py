@@ -82,6 +82,35 @@ def _gap_table(results: dict) -> list[str]:
     return lines
 
 
+def paired_title(results: dict) -> str:
+    paired = results["paired"]
+    return (f"Paired against {paired['baseline']} ({TITLES[paired['selection']].split(':')[0].lower()}): each "
+            f"method's selected model minus {paired['baseline']}'s on the same held-out domain and seed, percentage "
+            f"points; Avg ± {results.get('error_name', 'standard error')} over seeds of the per-seed Avg "
+            f"differences; wins / losses of the (held-out domain, seed) pairs; source val: the mean source-domain "
+            f"validation accuracy of the selected models (%)")
+
+
+def _paired_table(results: dict) -> list[str]:
+    domains = results["domains"]
+
+    def pp(v):
+        return "–" if v is None else f"{100 * v:+.1f}"
+
+    lines = ["| Method | " + " | ".join(domains) + " | Avg | wins / losses of pairs | source val |",
+             "|---" * (len(domains) + 4) + "|"]
+    for r in results["paired"]["rows"]:
+        sv = _acc(r["source_val"])
+        if r["is_baseline"]:
+            lines.append(f"| {r['method']} (baseline) | " + " | ".join("0" for _ in domains) + f" | 0 | – | {sv} |")
+            continue
+        avg = r["avg"]
+        cell = pp(avg["mean"]) + (f" ± {100 * avg['err']:.1f}" if avg["err"] is not None else "")
+        lines.append(f"| {r['method']} | " + " | ".join(pp(r["domains"].get(d)) for d in domains)
+                     + f" | {cell} | {r['wins']} / {r['losses']} of {r['pairs']} | {sv} |")
+    return lines
+
+
 def chance_phrase(results: dict, pct: str = "%") -> str | None:
     """E.g. "chance level 14.3% (1/7 classes)"; None when unknown."""
     chance = results.get("chance")
@@ -145,6 +174,8 @@ def render_text(results: dict, selection: str | None = None) -> str:
         if sel == "lodo":
             out += [LODO_RULE + (f" {lodo_note(results)}" if lodo_note(results) else ""), ""]
         out += _md_table(results, sel)
+        if i == 0 and results.get("paired"):
+            out += ["", f"**{paired_title(results)}**", ""] + _paired_table(results)
     if results.get("gap"):
         out += ["", f"**{GAP_TITLE}**", ""] + _gap_table(results)
     return "\n".join(out)

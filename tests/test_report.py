@@ -716,3 +716,54 @@ def test_selections_csv_and_json_carry_the_trial_index(tmp_path):
     assert lines[0]["train_run"] == "sw-photo-s0-abcde_00004" and lines[0]["mlflow_run_id"] == ""
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "results.csv", "results.json", "results.md", "results.tex", "selections.csv"]
+
+
+# ------------------------------------------------------------------------------- paired comparison with a baseline
+def test_paired_table_against_the_baseline_by_hand(tmp_path, capsys):
+    """Three seeds, two held-out domains, erm and kd in separate sweeps. By hand, kd minus erm per (domain, seed):
+    photo +0.10, +0.20, -0.05; sketch 0.00, +0.10, +0.30 -> photo mean +0.0833, sketch +0.1333; per-seed Avg
+    differences 0.05, 0.15, 0.125 -> mean 0.10833, sample std 0.05204, se 0.03005; wins 4, losses 1 (the tie is
+    neither) of 6 pairs."""
+    erm = {("photo", 0): 0.50, ("photo", 1): 0.60, ("photo", 2): 0.55,
+           ("sketch", 0): 0.30, ("sketch", 1): 0.40, ("sketch", 2): 0.20}
+    kd = {("photo", 0): 0.60, ("photo", 1): 0.80, ("photo", 2): 0.50,
+          ("sketch", 0): 0.30, ("sketch", 1): 0.50, ("sketch", 2): 0.50}
+    sweeps = []
+    for name, accs, val in (("erm", erm, 0.8), ("kd", kd, 0.7)):
+        rows = [row(0, 5, val, a, domain=d, seed=s, method=name, sweep=f"c-{name}") for (d, s), a in accs.items()]
+        sweeps.append(sweep(rows, name=f"c-{name}", domains=("photo", "sketch"), seeds=(0, 1, 2)))
+    results = report.build(sweeps)
+    paired = results["paired"]
+    assert paired["baseline"] == "erm" and paired["selection"] == "validation"
+    base, got = paired["rows"]
+    assert base["is_baseline"] and base["source_val"] == pytest.approx(0.8) and base["wins"] == base["losses"] == 0
+    assert got["domains"] == pytest.approx({"photo": 0.25 / 3, "sketch": 0.40 / 3})
+    assert got["avg"]["mean"] == pytest.approx(0.325 / 3)
+    assert got["avg"]["std"] == pytest.approx(0.0520416, abs=1e-6)
+    assert got["avg"]["err"] == pytest.approx(0.0520416 / math.sqrt(3), abs=1e-6)
+    assert (got["wins"], got["losses"], got["pairs"]) == (4, 1, 6) and got["source_val"] == pytest.approx(0.7)
+    md = report.render_text(results)
+    part = md[md.index("**Paired against erm"):]
+    assert "| kd | +8.3 | +13.3 | +10.8 ± 3.0 | 4 / 1 of 6 | 70.0 |" in part
+    assert "| erm (baseline) | 0 | 0 | 0 | – | 80.0 |" in part
+    json.dumps(results)
+    # no erm row: no paired table; another baseline by name
+    assert report.build(sweeps[1:])["paired"] is None
+    assert "Paired against" not in report.render_text(report.build(sweeps[1:]))
+    assert report.build(sweeps, baseline="kd")["paired"]["rows"][0]["domains"] == pytest.approx(
+        {"photo": -0.25 / 3, "sketch": -0.40 / 3})
+
+
+def test_cli_baseline_flag(tmp_path, capsys):
+    paths = []
+    for name in ("erm", "kd"):
+        d = tmp_path / f"c-{name}"
+        _write_sweep(d, [row(0, 5, 0.8, 0.5 if name == "erm" else 0.6, method=name, sweep=f"c-{name}")],
+                     {"sweep": f"c-{name}", "test_domains": ["photo"], "seeds": [0], "methods": [name]})
+        paths.append(str(d))
+    assert report.main(paths) == 0
+    assert "| kd | +10.0 | +10.0 | 1 / 0 of 1 | 80.0 |" in capsys.readouterr().out
+    assert report.main([*paths, "--baseline", "none"]) == 0
+    assert "Paired against" not in capsys.readouterr().out
+    assert report.main([*paths, "--baseline", "rise"]) == 2
+    assert "--baseline 'rise' is not a method row of these sweeps; one of ['erm', 'kd']" in capsys.readouterr().err
