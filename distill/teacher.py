@@ -32,7 +32,7 @@ def _data_root(path: str, dataset: str) -> Path:
 
 
 def _fit(args) -> int:
-    from .models.fit import DEFAULTS, builtin_recipe, fit_builtin, fit_teacher, recipe_key
+    from .models.fit import DEFAULTS, builtin_recipe, fit_builtin, fit_teacher, recipe_hash
     from .models.teachers import normalize_arch
 
     start = time.time()
@@ -44,7 +44,7 @@ def _fit(args) -> int:
             raise SystemExit("error: --init and --domains apply to --on data only")
         rec = builtin_recipe(arch, args.steps, args.seed, batch_size=args.batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, per_class=args.per_class)
-        key = recipe_key(rec)
+        key = recipe_hash(rec)
         out = args.out or Path(args.storage) / "teachers" / f"{arch}-{key}.pt"
         summary = fit_builtin(args.storage, rec, out, data_root=root, dataset=args.dataset, threads=args.threads)
     else:

@@ -12,17 +12,15 @@ from distill.data import synth
 from distill.data.synth import (STUDENT_CORPUS, TEACHER_CORPUS, corpus_hash, corpus_params, ensure_corpus,
                                 load_corpus)
 from distill.models import pretrain
-from distill.models.fit import builtin_recipe, corpus_captioned, ensure_teacher, fit_clip, recipe_key
+from distill.models.fit import builtin_recipe, corpus_captioned, ensure_teacher, fit_clip, recipe_hash
 from distill.models.students import build_student
-from distill.models.weights import sha256, shipped
+from distill.models.weights import sha256, shipped, torch_threads
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _pixels(images) -> set[str]:
@@ -82,7 +80,7 @@ def test_reduced_builtin_fit_is_deterministic(tmp_path):
     c = fit_clip(data, arch=rec["arch"], steps=3, batch_size=16, seed=1, log=None, **args).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
-    assert recipe_key(rec) != recipe_key(builtin_recipe(steps=4, per_class=1))
+    assert recipe_hash(rec) != recipe_hash(builtin_recipe(steps=4, per_class=1))
 
 
 def test_reduced_pretraining_is_deterministic(tmp_path):
@@ -120,7 +118,7 @@ def test_shipped_weights_are_those_of_the_current_recipes():
     re-run the command recorded in the JSON."""
     teacher = shipped("teacher-distill-tiny-rn")
     assert teacher is not None, "the package ships no built-in teacher"
-    assert teacher["recipe_hash"] == recipe_key(builtin_recipe()), f"stale teacher: {teacher['command']}"
+    assert teacher["recipe_hash"] == recipe_hash(builtin_recipe()), f"stale teacher: {teacher['command']}"
     student = shipped(pretrain.shipped_name("small_cnn", 32))
     assert student is not None, "the package ships no pretrained small_cnn"
     assert student["recipe_hash"] == pretrain.recipe_hash(pretrain.recipe("small_cnn", 32)), student["command"]

@@ -15,6 +15,7 @@ from distill.models.fit import (Captioned, caption_variants, ensure_teacher, fit
 from distill.models.prompts import TEMPLATES, PromptError, class_prompts, describe_prompts
 from distill.models.teachers import (Teacher, TeacherError, TeacherUnavailableError, UnknownArchError, load_teacher,
                                      teacher_id, validate_teacher)
+from distill.models.weights import torch_threads
 
 ARCH = "distill-tiny-rn"
 CLASSES = ["circle", "square", "triangle", "star", "cross"]
@@ -24,10 +25,8 @@ DOMAINS = ["photo", "sketch", "cartoon", "painting"]
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: small models gain little from two, and lose a lot when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

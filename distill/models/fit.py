@@ -10,7 +10,6 @@ each step an image is paired with one of its caption variants (see ``caption_var
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from . import configs as _configs  # noqa: F401  (registers the timm image tower of distill-tiny-rn)
 from .prompts import class_prompts
 from .teachers import Teacher, arch_image_size, load_teacher, normalize_arch
-from .weights import atomic_save, file_lock, write_json
+from .weights import atomic_save, file_lock, recipe_hash, torch_threads, write_json
 
 DEFAULT_ARCH = "distill-tiny-rn"
 # fitting on a dataset's own images (any dataset but synth)
@@ -207,18 +206,6 @@ def chance_warnings(report: dict[str, dict[str, float]], num_classes: int, facto
     return out
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run with ``n`` intra-op CPU threads (None: leave torch's setting), restoring the setting afterwards."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def fit_clip(data: Captioned, arch: str = DEFAULT_ARCH, init: str | None = None, steps: int = DEFAULTS["steps"],
              batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
              weight_decay: float = DEFAULTS["weight_decay"], warmup: int = DEFAULTS["warmup"], seed: int = 0,
@@ -377,10 +364,6 @@ def builtin_recipe(arch: str = DEFAULT_ARCH, steps: int | None = None, seed: int
     return rec
 
 
-def recipe_key(rec: dict) -> str:
-    return hashlib.sha1(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def corpus_captioned(path: str | os.PathLike) -> Captioned:
     """A drawn teacher corpus as fitting data (styles play the domains)."""
     import numpy as np
@@ -406,13 +389,13 @@ def fit_builtin(storage: str | os.PathLike, rec: dict, out: str | os.PathLike, d
     if log:
         log(f"fit {rec['arch']} on the teacher corpus {corpus.name} ({len(data.labels)} images, "
             f"{len(data.class_names)} shapes, {len(data.domain_names)} styles), {rec['steps']} steps, {fit_args}, "
-            f"seed {rec['seed']} (recipe {recipe_key(rec)})")
+            f"seed {rec['seed']} (recipe {recipe_hash(rec)})")
     with torch_threads(threads):
         t1 = time.time()
         model = fit_clip(data, arch=rec["arch"], steps=rec["steps"], seed=rec["seed"], log=log, **fit_args)
         seconds = time.time() - t1
         path = save_checkpoint(model, out)
-        summary = {"arch": rec["arch"], "checkpoint": str(path), "recipe": rec, "recipe_hash": recipe_key(rec),
+        summary = {"arch": rec["arch"], "checkpoint": str(path), "recipe": rec, "recipe_hash": recipe_hash(rec),
                    "corpus": str(corpus), "fit_seconds": round(seconds, 1), "fit_version": FIT_VERSION}
         if data_root is not None:
             from ..data.images import load_images
@@ -452,7 +435,7 @@ def ensure_teacher(storage: str | os.PathLike, data_root: str | os.PathLike, dat
     fit_kwargs.pop("cache_dir", None)
     if str(dataset).lower() == "synth":
         rec = builtin_recipe(arch, steps, seed, **fit_kwargs)
-        key = recipe_key(rec)
+        key = recipe_hash(rec)
     else:
         from ..data.images import fingerprint, list_images
         from ..data.registry import get_spec
@@ -462,7 +445,7 @@ def ensure_teacher(storage: str | os.PathLike, data_root: str | os.PathLike, dat
         settings = {"fingerprint": fingerprint(files, size), "captions": _captions_hash(data_root),
                     "steps": int(steps or DEFAULTS["steps"]), "seed": int(seed), "arch": arch, "dataset": dataset,
                     "fit_version": FIT_VERSION, **{k: fit_kwargs[k] for k in sorted(fit_kwargs)}}
-        key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = recipe_hash(settings)
     path = storage / "teachers" / f"{arch}-{key}.pt"
     if path.is_file():
         if log:

@@ -10,9 +10,6 @@ path and ``build_student(..., pretrained="builtin", weights_path=...)`` loads it
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
 import os
 import time
@@ -23,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .weights import recipe_hash, torch_threads  # noqa: F401  (recipe_hash: part of this module's API)
 
 PRETRAIN_VERSION = 1    # bump when the recipe's code changes: the hash, hence every cached file's name, changes
 # per backbone: optimiser steps, batch, peak lr (AdamW, 5% warm-up then cosine), weight decay; the steps sized to
@@ -59,23 +58,8 @@ def recipe(backbone: str, image_size: int = 32, seed: int = 0, steps: int | None
             "version": PRETRAIN_VERSION}
 
 
-def recipe_hash(rec: dict) -> str:
-    return hashlib.sha1(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def shipped_name(backbone: str, image_size: int) -> str:
     return f"student-{backbone}-{image_size}px"
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class _Classifier(nn.Module):
@@ -185,7 +169,7 @@ def ensure_student(storage: str | os.PathLike, backbone: str, image_size: int = 
         if log:
             log(f"student: pretraining {backbone} at {image_size} px on {corpus} (recipe {key}; "
                 f"{rec['steps']} steps of {rec['batch_size']})")
-        with _threads(threads):
+        with torch_threads(threads):
             state, summary = pretrain(rec, corpus, log=log)
         atomic_save(state, path)
         write_json({"recipe": rec, "recipe_hash": key, "source": "pretrained", "summary": summary},

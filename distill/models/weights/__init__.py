@@ -21,6 +21,23 @@ import torch
 WEIGHTS_DIR = Path(__file__).resolve().parent
 
 
+def recipe_hash(rec: dict) -> str:
+    """16 hex digits of the SHA-1 of a recipe's JSON (sorted keys): the name of the weights it produces."""
+    return hashlib.sha1(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with ``n`` intra-op CPU threads (None: leave torch's setting), restoring the setting afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
