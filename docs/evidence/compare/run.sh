@@ -4,10 +4,13 @@
 # (search_spaces/compare.yaml: pretrained small_cnn, 400 steps of 3 x 32 images, Adam 3e-3 cosine, evaluation
 # every 50 steps), every held-out domain, seeds 0-2, two trials at a time on a 2-core machine. Then one table.
 #
-#   bash docs/evidence/compare/run.sh [STORAGE]        # default ./distill_runs; resumable: rerun after a kill
+#   bash docs/evidence/compare/run.sh [STORAGE]          # default ./distill_runs; resumable: rerun after a kill
+#   bash docs/evidence/compare/run.sh [STORAGE] --lodo   # the same with leave-one-domain-out runs, seed 0 only
+#                                                        # (each trial trains 1 + 3 models): compare-lodo-<method>
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 STORAGE=${1:-./distill_runs}
+LODO=${2:-}
 
 recipe() {   # the paper's recipe of each method, on top of compare.yaml
   case "$1" in
@@ -22,13 +25,16 @@ recipe() {   # the paper's recipe of each method, on top of compare.yaml
   esac
 }
 
+prefix=compare; out=docs/evidence/compare
+if [ "$LODO" = "--lodo" ]; then prefix=compare-lodo; out=docs/evidence/compare-lodo; fi
 for m in erm kd rise scmd vl2v li; do
-  sets=(--set method.name=$m --set name=compare-$m)
+  sets=(--set method.name=$m --set name=$prefix-$m)
+  [ "$LODO" = "--lodo" ] && sets+=(--set "seeds=[0]" --set search.lodo=true)
   for s in $(recipe $m); do sets+=(--set "$s"); done
   resume=()
-  [ -f "$STORAGE/compare-$m/sweep.json" ] && resume=(--resume)
+  [ -f "$STORAGE/$prefix-$m/sweep.json" ] && resume=(--resume)
   start=$(date +%s)
   python -m distill.tune --space search_spaces/compare.yaml --storage "$STORAGE" "${sets[@]}" "${resume[@]}"
-  echo "compare-$m: $(( $(date +%s) - start )) s"
+  echo "$prefix-$m: $(( $(date +%s) - start )) s"
 done
-python -m distill.report "$STORAGE"/compare-{erm,kd,rise,scmd,vl2v,li} --out docs/evidence/compare --latex
+python -m distill.report "$STORAGE"/$prefix-{erm,kd,rise,scmd,vl2v,li} --out $out --latex
