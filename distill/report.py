@@ -90,8 +90,8 @@ def build(sweeps: list[dict], error: str = "se", selection: str = "validation", 
     when no row has that label).
 
     Returns (accuracies as fractions) `table` and `selected` per selection, `gap` (oracle minus validation per method
-    row, domain and Avg), `paired` (see `_paired`), `teacher` (a list: one entry per distinct teacher.json, see `_teachers`), `chance`
-    (1/#classes or None), the domains, seeds, groups, counts and failures."""
+    row, domain and Avg), `paired` (see `_paired`), `teacher` (a list: one entry per distinct teacher.json, see
+    `_teachers`), `chance` (1/#classes or None), the domains, seeds, groups, counts and failures."""
     if error not in ERRORS:
         raise ValueError(f"unknown error kind {error!r}; one of {sorted(ERRORS)}")
     if selection not in SELECTIONS:
