@@ -241,3 +241,30 @@ def test_render_on_gpu_matches_cpu_without_host_sync():
     assert params.is_cuda and view.is_cuda
     cpu = A.normalize(A.render(x, params.cpu(), 24))
     assert torch.allclose(view.cpu(), cpu, atol=1e-4)
+
+
+def test_a_trial_worker_imports_neither_torchvision_nor_open_clip():
+    """A trial's worker (small_cnn, cached teacher) pays no `import torchvision` (~4 s of CPU: its ops import
+    torch._dynamo) and no open_clip at start: the crop-and-resize loads torchvision's RoIAlign kernel alone, and gives
+    what torchvision.ops.roi_align gives."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+import distill.trial.loop, distill.methods, distill.models.cache
+from distill.data import augment as A
+from distill.models.students import build_student
+build_student("small_cnn", embed_dim=8, num_classes=3)
+x = torch.randint(0, 256, (3, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+boxes = torch.tensor([[0., 0., 20., 20.], [2., 3., 15., 19.], [4.5, 1., 9., 7.5]])
+out = A.resize_boxes(x, boxes, 12)
+print(sorted(m for m in ("torchvision", "open_clip") if m in sys.modules))
+import torchvision.ops
+rois = torch.cat([torch.arange(3.)[:, None], boxes], 1)
+ref = torchvision.ops.roi_align(x.float() / 255, rois, (12, 12), 1.0, -1, True)
+print(torch.equal(out, ref))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "True"], out.stdout

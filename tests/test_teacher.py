@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.models import cache as cache_mod
+from distill.models import teachers as teachers_mod
 from distill.models.cache import teacher_outputs
 from distill.models.fit import (Captioned, caption_variants, ensure_teacher, fit_clip, save_checkpoint,
                                 zero_shot_report)
@@ -283,7 +283,7 @@ def test_cache_is_reused_without_loading_the_teacher_and_keyed_by_what_matters(f
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded although everything was cached")
 
-    monkeypatch.setattr(cache_mod, "load_teacher", no_teacher)
+    monkeypatch.setattr(teachers_mod, "load_teacher", no_teacher)   # where the cache looks it up
     second = teacher_outputs(tspec, images, sets, tmp_path, need_images=True, log_fn=None)
     assert second.computed == [] and sorted(second.reused) == ["images", "logit_scale", "text:classes",
                                                                 "text:single"]

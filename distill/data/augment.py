@@ -34,10 +34,12 @@ DomainBed's PIL pipeline uses; torchvision's tensor version uses 0.2989).
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import math
+import os
 
 import torch
-from torchvision.ops import roi_align
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,7 +78,36 @@ def resize_boxes(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
     pixel and axis, i.e. antialiased when shrinking, bilinear when enlarging). Returns float [B, 3, size, size]."""
     x01 = to_float(x)
     rois = torch.cat([torch.arange(len(x), device=x.device, dtype=x01.dtype)[:, None], boxes.to(x01)], 1)
-    return roi_align(x01, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    if torch.are_deterministic_algorithms_enabled() and x01.device.type != "cpu":
+        from torchvision.ops import roi_align   # torchvision's deterministic (pure PyTorch) version on accelerators
+
+        return roi_align(x01, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return _roi_align_op()(x01, rois, 1.0, size, size, -1, True)
+
+
+_ROI_ALIGN = None
+
+
+def _roi_align_op():
+    """torchvision's RoIAlign kernel (`torch.ops.torchvision.roi_align`: input, rois, spatial_scale, height, width,
+    sampling_ratio, aligned), loaded from torchvision's extension library alone: `import torchvision` takes ~4 s of
+    CPU (its ops import torch._dynamo and triton), which every trial's worker would pay before its first step. Falls
+    back to the package where the library is not where torchvision keeps it."""
+    global _ROI_ALIGN
+    if _ROI_ALIGN is None:
+        if not hasattr(torch.ops.torchvision, "roi_align"):
+            spec = importlib.util.find_spec("torchvision")
+            dirs = list(spec.submodule_search_locations or []) if spec else []
+            for lib in sorted(p for d in dirs for p in glob.glob(os.path.join(d, "_C*.so"))):
+                try:
+                    torch.ops.load_library(lib)
+                    break
+                except OSError:
+                    continue
+        if not hasattr(torch.ops.torchvision, "roi_align"):
+            import torchvision.ops  # noqa: F401  (registers the op the documented way, or raises its own error)
+        _ROI_ALIGN = torch.ops.torchvision.roi_align
+    return _ROI_ALIGN
 
 
 def center(x: torch.Tensor, size: int) -> torch.Tensor:

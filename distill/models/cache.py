@@ -26,7 +26,10 @@ import torch.nn.functional as F
 
 from ..data.images import save_atomic
 from .prompts import as_prompt_set
-from .teachers import Teacher, arch_embed_dim, arch_image_size, load_teacher, normalize_arch, teacher_id
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .teachers import Teacher
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -111,8 +114,10 @@ def teacher_outputs(teacher_spec: dict, images, prompt_sets: dict, storage: str 
     weights are never read, and a cache miss is an error instead of a silent load."""
     from ..data.augment import center
 
+    # `.teachers` (open_clip, torchvision: ~4 s of imports) only where a teacher or its config is needed: a trial's
+    # worker reading the driver's cache gets the image size and width from the driver's spec
     say = log_fn or (lambda s: None)
-    arch = normalize_arch(teacher_spec["arch"])
+    arch = teacher_spec["arch"]
     pretrained, checkpoint = teacher_spec.get("pretrained"), teacher_spec.get("checkpoint")
     preprocess = teacher_spec.get("preprocess") or "clip"
     cache = Path(storage).expanduser() / "cache"
@@ -126,12 +131,19 @@ def teacher_outputs(teacher_spec: dict, images, prompt_sets: dict, storage: str 
                     f"the teacher-output cache under {cache} lacks what this trial needs, and this process may not "
                     f"load the teacher's weights (black-box mode): the driver computes the cache before the trial; "
                     f"is the storage directory shared by every node?")
+            from .teachers import load_teacher
+
             teacher = load_teacher(arch, pretrained=pretrained, checkpoint=checkpoint, preprocess=preprocess,
                                    device=device)
             say(f"teacher cache: loaded teacher {teacher.id} ({preprocess} preprocessing)")
         return teacher
 
-    tid = teacher_id_ or teacher_id(arch, pretrained, checkpoint)
+    if teacher_id_ is None:
+        from .teachers import teacher_id
+
+        tid = teacher_id(arch, pretrained, checkpoint)
+    else:
+        tid = teacher_id_
     if tid is None:  # random init: the id needs the weights
         tid = get_teacher().id
     computed, reused = [], []
@@ -165,7 +177,7 @@ def teacher_outputs(teacher_spec: dict, images, prompt_sets: dict, storage: str 
 
     image_emb = None
     if need_images:
-        size = arch_image_size(arch)
+        size = teacher_spec["image_size"] if "image_size" in teacher_spec else _teachers().arch_image_size(arch)
         path = cache / f"teacher-img-{image_key(tid, images.fingerprint, preprocess, size)}.pt"
         blob = _load(path) if path.is_file() else None
         if blob is not None and blob.get("paths") == list(images.paths):
@@ -202,13 +214,19 @@ def teacher_outputs(teacher_spec: dict, images, prompt_sets: dict, storage: str 
         embed_dim = stored_views.emb.shape[-1]
 
     if embed_dim is None:
-        embed_dim = arch_embed_dim(arch) or get_teacher().embed_dim
+        embed_dim = (teacher_spec.get("embed_dim") or _teachers().arch_embed_dim(arch)) or get_teacher().embed_dim
     if computed:
         say(f"teacher cache: computed {', '.join(computed)}" + (f"; reused {', '.join(reused)}" if reused else ""))
     elif reused:
         say(f"teacher cache: reused {', '.join(reused)} (teacher not loaded)")
     return TeacherOutputs(text=text, image_emb=image_emb, teacher_id=tid, embed_dim=int(embed_dim),
                           logit_scale=logit_scale, views=stored_views, computed=computed, reused=reused)
+
+
+def _teachers():
+    from . import teachers
+
+    return teachers
 
 
 def _compute_views(teacher: Teacher, images: torch.Tensor, k: int, size: int, batch_size: int,

@@ -7,13 +7,20 @@ from __future__ import annotations
 import os
 
 import torch
-import torchvision
 from torch import nn
+
+
+def _tv_models():
+    """torchvision.models, imported when a torchvision backbone is built (the import costs ~4 s of CPU: a trial of
+    small_cnn does not pay it)."""
+    import torchvision.models
+
+    return torchvision.models
 
 
 def _resnet(name):
     def build(weights):
-        model = getattr(torchvision.models, name)(weights=weights)
+        model = getattr(_tv_models(), name)(weights=weights)
         dim = model.fc.in_features
         model.fc = nn.Identity()
         return model, dim
@@ -23,7 +30,7 @@ def _resnet(name):
 def _classifier_backbone(name):
     """torchvision models whose head is `classifier` (MobileNet, EfficientNet, ...): keep the pooled features."""
     def build(weights):
-        model = getattr(torchvision.models, name)(weights=weights)
+        model = getattr(_tv_models(), name)(weights=weights)
         model.classifier = nn.Identity()
         with torch.no_grad():
             was_training = model.training
@@ -80,7 +87,7 @@ class PretrainedWeightsUnavailable(RuntimeError):
 def _weights(backbone: str, pretrained: str):
     if pretrained != "imagenet":
         return None
-    enum = getattr(torchvision.models, BACKBONES[backbone][1])
+    enum = getattr(_tv_models(), BACKBONES[backbone][1])
     return enum.DEFAULT  # IMAGENET1K_V2 for ResNet-50, as SCMD used
 
 

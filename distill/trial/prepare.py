@@ -98,8 +98,13 @@ def prompts_record(cfg: dict, ctx) -> dict:
 
 
 def teacher_spec(cfg: dict) -> dict:
-    """The teacher section with `checkpoint: fit` replaced by the fitted checkpoint's path (fitting it if needed)."""
+    """The teacher section with `checkpoint: fit` replaced by the fitted checkpoint's path (fitting it if needed),
+    plus the arch's input size and embedding width from its config (`image_size`, `embed_dim`: None if unknown), so
+    that a worker reading the cache never imports open_clip."""
+    from ..models.teachers import arch_embed_dim, arch_image_size
+
     spec = dict(cfg["teacher"])
+    spec["image_size"], spec["embed_dim"] = arch_image_size(spec["arch"]), arch_embed_dim(spec["arch"])
     if spec["checkpoint"] == FIT:
         from ..models.fit import ensure_teacher
 
