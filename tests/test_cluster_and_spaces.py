@@ -32,7 +32,7 @@ PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "perso
 SHARED = "/mnt/shared"  # the shared mount cluster.yaml creates on every node
 
 DISTRIBUTIONS = {"uniform", "loguniform", "int", "choice"}
-SEARCH_KEYS = {"num_samples", "max_concurrent", "scheduler", "asha", "sampler_seed", "max_failures", "space"}
+SEARCH_KEYS = {"num_samples", "max_concurrent", "start_ahead", "scheduler", "asha", "sampler_seed", "max_failures", "space"}
 SWEEP_SECTIONS = ("search", "seeds")
 
 

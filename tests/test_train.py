@@ -55,6 +55,16 @@ def test_trial_writes_mlflow_run_with_per_domain_accuracies(ray_session, session
     assert run.info.status == "FINISHED"
     for key in ("val_acc", "val_acc/photo", "test_acc", "test_out_acc", "loss", "loss/kd", "loss/ce"):
         assert key in run.data.metrics, key
+    # every trial's phase breakdown (printed by run_trial, logged as phase/*): where its fixed cost went
+    phases = {k[len("phase/"):]: v for k, v in run.data.metrics.items() if k.startswith("phase/")}
+    assert {"prepare", "workers_start", "data", "teacher_outputs", "training", "slot_wait", "fixed", "total"} <= \
+        set(phases) and phases == pytest.approx(result.phases, abs=1e-6)
+    assert 0 < phases["fixed"] < phases["total"] and phases["slot_wait"] < 1.0   # nothing else ran: no wait
+    # the trial's actors: Train's own, less the Ray Data manager a run without Ray Datasets does not need
+    from ray.util.state import list_actors
+
+    started = {a.class_name for a in list_actors(limit=10000)}
+    assert {"TrainController", "RayTrainWorker"} <= started and "DatasetManager" not in started
     history = client.get_metric_history(run.info.run_id, "val_acc")
     assert sorted(h.step for h in history) == [3, 6]
     assert run.data.params["method.name"] == "kd" and run.data.params["test_domain"] == "sketch"

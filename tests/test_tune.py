@@ -81,6 +81,7 @@ def test_a_bad_sweep_yaml_is_rejected_with_every_problem(tmp_path, capsys):
     data["search"] = {
         "num_samples": 0,
         "max_concurent": 2,
+        "start_ahead": -1,
         "scheduler": "hyperband",
         "asha": {"grace_period": 0},
         "space": {
@@ -108,6 +109,7 @@ def test_a_bad_sweep_yaml_is_rejected_with_every_problem(tmp_path, capsys):
         "seeds: [0, 0] lists a seed twice",
         "search.num_samples: expected an integer >= 1",
         "search.max_concurent: unknown key (did you mean 'max_concurrent'?)",
+        "search.start_ahead: expected an integer >= 0 or null, got -1",
         "search.scheduler: expected one of ['none', 'asha']",
         "search.asha.grace_period",
         "choice 'dino'",
@@ -257,7 +259,7 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
     uri = f"sqlite:///{session_storage / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     data = tiny(session_storage, "tiny", search={
-        "num_samples": 3, "max_concurrent": 2, "scheduler": "asha", "asha": {"grace_period": 1},
+        "num_samples": 3, "max_concurrent": 2, "start_ahead": 1, "scheduler": "asha", "asha": {"grace_period": 1},
         "max_failures": 0,
         "space": {"method.name": {"choice": ["erm", "kd"]},
                   "method.temperature": {"choice": [2.0, 4.0]},

@@ -24,7 +24,26 @@ from .prepare import method_hparams, prepare
 # from the last checkpoint anyway: train.max_failures), and each worker line printed once.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
              # a worker's print() once (Ray forwards it), not a second time through Train's logger
-             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+             # a trial started ahead of a free slot (search.start_ahead) waits for its workers' resources as long as
+             # the trials before it run, not 60 s before Train tears its request down and queues it again
+             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "86400"}
+
+
+def _trainer_class():
+    """TorchTrainer, less the Ray Data manager it starts for every run (an actor process, ~2 s of CPU and ~200 MB)
+    when the run has no Ray Datasets: a trial's workers read the shared image cache instead. Where Ray's (private)
+    hook differs, the plain TorchTrainer."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if getattr(self, "datasets", None):
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+
+    return Trainer if hasattr(TorchTrainer, "_create_default_callbacks") else TorchTrainer
 
 
 class TrialFailed(RuntimeError):
@@ -89,7 +108,6 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
     `assets`: the result of `prepare(cfg)` when the caller already prepared this trial; `tags`: extra MLflow tags
     of its run."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     t = {"start": time.time()}
     if "test_domain" not in cfg:
@@ -128,7 +146,7 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_loop,
         train_loop_config={"cfg": cfg, "assets": assets, "mlflow": {"uri": uri, "run_id": run_id}, "name": name,
                            "verbose": verbose},
@@ -177,18 +195,22 @@ LOOP_PHASES = ("training",)
 
 
 def phase_breakdown(driver: dict, metrics: dict) -> dict:
-    """Seconds per phase of a trial, plus `fixed` (everything but the training loop's own time, evaluations
-    excluded) and `total`. A finished trial run again has no worker phases."""
+    """Seconds per phase of a trial, plus `slot_wait` (its workers waiting for free resources, taken out of
+    `workers_start`: a trial started ahead of a free slot), `fixed` (everything but the training loop's own time,
+    evaluations and the slot wait excluded) and `total`. A finished trial run again has no worker phases."""
     points = {**driver, **{k[len("time/"):]: v for k, v in metrics.items() if k.startswith("time/")
                            and isinstance(v, (int, float))}}
     out = {}
     for name, a, b in PHASES:
         if a in points and b in points:
             out[name] = round(max(0.0, points[b] - points[a]), 2)
+    wait = min(float(metrics.get("time/slot_wait_seconds", 0.0)), out.get("workers_start", 0.0))
+    if "workers_start" in out:
+        out["workers_start"] = round(out["workers_start"] - wait, 2)
     total = driver["done"] - driver["start"]
     loop = out.get("training", 0.0) - float(metrics.get("time/eval_seconds", 0.0))
-    out.update({"evaluations": round(float(metrics.get("time/eval_seconds", 0.0)), 2), "total": round(total, 2),
-                "fixed": round(total - max(0.0, loop), 2)})
+    out.update({"slot_wait": round(wait, 2), "evaluations": round(float(metrics.get("time/eval_seconds", 0.0)), 2),
+                "total": round(total, 2), "fixed": round(total - max(0.0, loop) - wait, 2)})
     return out
 
 

@@ -129,6 +129,19 @@ def train_loop(config: dict) -> None:
             trainer.logger.close()
 
 
+def slot_wait_seconds() -> float:
+    """How long this trial's workers waited for free resources (their placement group's creation latency, as Ray's
+    GCS recorded it): a trial started ahead of a free slot waits there, ready, instead of idling the slot later."""
+    try:
+        import ray.util
+
+        pg = ray.util.get_current_placement_group()
+        stats = (ray.util.placement_group_table(pg).get("stats") or {}) if pg is not None else {}
+        return round(float(stats.get("end_to_end_creation_latency_ms", 0.0)) / 1000, 3)
+    except Exception:  # noqa: BLE001  (a Ray without these stats: the wait counts as start-up)
+        return 0.0
+
+
 def _report_failure(config: dict, trainer, reason: str) -> None:
     """Say why in the MLflow run (rank 0) and in one last report (every rank), then end normally: no retry."""
     import ray.train
@@ -157,6 +170,7 @@ class Trainer:
 
         # wall-clock time points of the worker's start (the driver turns them into the trial's phase breakdown)
         self.phases = {"worker_entered": entered or time.time(), "worker_imported": time.time()}
+        self.slot_wait = slot_wait_seconds()
 
         self.cfg, self.assets, self.ml = config["cfg"], config["assets"], config.get("mlflow") or {}
         self.label = f"distill {config['name']}" if config.get("name") else "distill"   # whose line it is
@@ -426,7 +440,8 @@ class Trainer:
             self.logger.flush()   # durable before Tune hears of this evaluation (ASHA may stop the trial at once)
         self.eval_seconds += time.time() - t_eval
         metrics.update({f"time/{key}": v for key, v in self.phases.items()})
-        metrics.update({"time/eval_seconds": self.eval_seconds, "time/reported": time.time()})
+        metrics.update({"time/eval_seconds": self.eval_seconds, "time/slot_wait_seconds": self.slot_wait,
+                        "time/reported": time.time()})
         self._report(metrics, state)
         return stage_ends
 

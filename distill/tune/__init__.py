@@ -11,7 +11,7 @@ accuracies are logged and reported, never optimised. Every evaluation row is app
 ``<storage>/<sweep>/trials.jsonl``, from which ``distill.report`` selects models; ``runs`` keeps MLflow in step.
 """
 from .cli import main
-from .driver import concurrency, run_sweep, warm_caches
+from .driver import concurrency, run_sweep, start_ahead, warm_caches
 from .plan import (PLAN_FILE, ROWS_FILE, SEARCH_DEFAULTS, SWEEP_FILE, Plan, describe, make_plan, search_name,
                    train_run_name, trial_cfg, trial_raw)
 from .space import METRIC, MODE, Param, SearchSpace, parse_space
@@ -21,4 +21,4 @@ from .runs import finish, reconcile_runs, register_selected
 __all__ = ["FinishingASHA", "METRIC", "MODE", "PLAN_FILE", "Param", "Plan", "ROWS_FILE", "SEARCH_DEFAULTS",
            "SWEEP_FILE", "SearchSpace", "SweepTrial", "TrialLog", "concurrency", "describe", "error_reason",
            "finish", "finished_metrics", "main", "make_plan", "parse_space", "reconcile_runs", "register_selected",
-           "run_sweep", "search_name", "train_run_name", "trial_cfg", "trial_raw", "warm_caches"]
+           "run_sweep", "search_name", "start_ahead", "train_run_name", "trial_cfg", "trial_raw", "warm_caches"]

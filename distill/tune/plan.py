@@ -17,6 +17,7 @@ SCHEDULERS = ("none", "asha")
 SEARCH_DEFAULTS: dict[str, Any] = {
     "num_samples": 1,  # trials per (held-out domain, seed)
     "max_concurrent": None,  # None: as many as the cluster's CPUs/GPUs hold
+    "start_ahead": None,  # trials started before a slot frees; None: one per slot (<= 8) for GPU trials, 0 for CPU
     "scheduler": "none",  # none | asha
     "asha": {"grace_period": 1, "reduction_factor": 2},  # in evaluation rounds (train.eval_every steps)
     "sampler_seed": None,  # None: the config's `seed`
@@ -73,8 +74,8 @@ class Plan:
         return [(d, s) for s in self.seeds for d in self.test_domains]
 
     def fingerprint(self) -> str:
-        """What must not change between a sweep and its --resume (max_concurrent may)."""
-        search = {k: v for k, v in self.search.items() if k != "max_concurrent"}
+        """What must not change between a sweep and its --resume (max_concurrent and start_ahead may)."""
+        search = {k: v for k, v in self.search.items() if k not in ("max_concurrent", "start_ahead")}
         return config_hash({"raw": self.raw, "seeds": self.seeds, "search": search}, 16)
 
     def resources(self) -> dict[str, float]:
@@ -141,6 +142,7 @@ def _search_section(raw: Any, problems: list[str]) -> dict:
 
     check("num_samples", lambda v: is_int(v) and v >= 1, "an integer >= 1")
     check("max_concurrent", lambda v: is_int(v) and v >= 1, "an integer >= 1 or null", allow_none=True)
+    check("start_ahead", lambda v: is_int(v) and v >= 0, "an integer >= 0 or null", allow_none=True)
     check("sampler_seed", is_int, "an integer or null", allow_none=True)
     check("max_failures", lambda v: is_int(v) and v >= 0, "an integer >= 0")
     check("lodo", lambda v: isinstance(v, bool), "true or false")
