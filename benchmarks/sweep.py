@@ -34,14 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def sweep_yaml(storage: Path, trials: int, steps: int, nodes: int) -> dict:
+def sweep_yaml(storage: Path, trials: int, steps: int, nodes: int, start_ahead: int | None = None) -> dict:
     return {"name": "bench-sweep", "storage": str(storage), "seeds": [0], "test_domains": None,
             "dataset": {"world": {"per_class": 40}}, "teacher": {"prompts": "single"},
             "student": {"backbone": "small_cnn", "pretrained": "builtin"}, "method": {"name": "erm"},
             "train": {"steps": steps, "batch_size": 32, "eval_every": steps // 2, "amp": "off",
                       "lr_schedule": "cosine", "lr": 3e-3},
             "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
-            "search": {"num_samples": trials, "max_concurrent": nodes, "sampler_seed": 0,
+            "search": {"num_samples": trials, "max_concurrent": nodes, "start_ahead": start_ahead,
+                       "sampler_seed": 0,
                        "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}}}}
 
 
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
                         help="simulated worker nodes of 1 CPU each (more than the machine's cores oversubscribes)")
     parser.add_argument("--trials", type=int, default=4, help="trials per search (4 searches)")
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per trial")
+    parser.add_argument("--start-ahead", type=int, default=None,
+                        help="search.start_ahead (default: the sweep's default, none for these CPU trials; N: "
+                             "N trials started before a slot frees)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
     from ray.cluster_utils import Cluster
 
     from distill import report, tracking
-    from distill.tune import make_plan, run_sweep
+    from distill.tune import make_plan, run_sweep, start_ahead
 
     storage = Path(tempfile.mkdtemp(prefix="distill-sweep-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = tracking.sqlite_uri(storage / "mlflow.db")
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     try:
         path = storage / "sweep.yaml"
-        path.write_text(yaml.safe_dump(sweep_yaml(storage, args.trials, args.steps, args.nodes)))
+        path.write_text(yaml.safe_dump(sweep_yaml(storage, args.trials, args.steps, args.nodes, args.start_ahead)))
         plan = make_plan(path)
         t0 = time.time()
         results = run_sweep(plan)
@@ -101,7 +105,10 @@ def main(argv=None) -> int:
            "trials_per_search": {k: len(v) for k, v in sorted(per_search.items())},
            "steps_per_trial": args.steps, "wall_s": round(wall, 1), "sweep_s": round(total_s, 1),
            "ideal_s": round(ideal, 1), "utilisation": round(ideal / wall, 3) if wall else None,
+           "start_ahead": start_ahead(plan, args.nodes)[0],
            "fixed_s_per_trial": round(statistics.mean(p["fixed"] for p in phases if "fixed" in p), 1),
+           # what each trial cost its slot beyond its loop: the slots' time over the wall, less the loops, per trial
+           "slot_s_beyond_loop_per_trial": round((wall * args.nodes - sum(loops)) / len(loops), 1),
            "loop_s_per_trial": round(statistics.mean(loops), 1),
            "phases_mean_s": {k: round(statistics.mean(p[k] for p in phases if k in p), 2)
                              for k in sorted({k for p in phases for k in p})},
@@ -112,10 +119,12 @@ def main(argv=None) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     device = "cpu"
     (dest / f"sweep-{device}.json").write_text(json.dumps(out, indent=1))
-    print("\n| nodes x CPU | searches x trials | wall s | ideal s | utilisation | fixed s/trial | loop s/trial |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {args.nodes} x 1 | {out['searches']} x {args.trials} | {out['wall_s']} | {out['ideal_s']} | "
-          f"{out['utilisation']} | {out['fixed_s_per_trial']} | {out['loop_s_per_trial']} |")
+    print("\n| nodes x CPU | searches x trials | started ahead | wall s | ideal s | utilisation | fixed s/trial | "
+          "slot s beyond the loop/trial | loop s/trial |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.nodes} x 1 | {out['searches']} x {args.trials} | {out['start_ahead']} | {out['wall_s']} | "
+          f"{out['ideal_s']} | {out['utilisation']} | {out['fixed_s_per_trial']} | "
+          f"{out['slot_s_beyond_loop_per_trial']} | {out['loop_s_per_trial']} |")
     print(f"phases (mean s): {out['phases_mean_s']}")
     print(f"every search ran its trials: {out['every_search_ran_its_trials']}; each domain selected among its own "
           f"search: {selected_own}")
