@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import configs as _configs  # noqa: F401  (registers the timm image tower of distill-tiny-rn)
 from .prompts import class_prompts
 from .teachers import Teacher, arch_image_size, load_teacher, normalize_arch
-from .weights import atomic_save, file_lock, recipe_hash, torch_threads, write_json
+from .weights import atomic_save, ensure_file, recipe_hash, torch_threads, write_json
 
 DEFAULT_ARCH = "distill-tiny-rn"
 # fitting on a dataset's own images (any dataset but synth)
@@ -447,17 +447,12 @@ def ensure_teacher(storage: str | os.PathLike, data_root: str | os.PathLike, dat
                     "fit_version": FIT_VERSION, **{k: fit_kwargs[k] for k in sorted(fit_kwargs)}}
         key = recipe_hash(settings)
     path = storage / "teachers" / f"{arch}-{key}.pt"
-    if path.is_file():
-        if log:
-            log(f"teacher: reusing fitted {path}")
-        return path
-    with file_lock(path.with_name(path.name + ".lock")):
-        if path.is_file():
-            return path
+
+    def produce() -> None:
         if str(dataset).lower() != "synth":
             fit_teacher(data_root, path, dataset=dataset, arch=arch, steps=steps or DEFAULTS["steps"], seed=seed,
                         cache_dir=storage / "cache", log=log, threads=threads, **fit_kwargs)
-            return path
+            return
         from .weights import materialise
 
         shipped = materialise(f"teacher-{arch}", key, path) if use_shipped else None
@@ -468,6 +463,7 @@ def ensure_teacher(storage: str | os.PathLike, data_root: str | os.PathLike, dat
                        Path(str(path) + ".json"))
             if log:
                 log(f"teacher: {arch} weights from the package (recipe {key}) -> {path}")
-            return path
+            return
         fit_builtin(storage, rec, path, data_root=data_root, dataset=dataset, log=log, threads=threads)
-    return path
+
+    return ensure_file(path, produce, f"teacher: reusing fitted {path}", log)

@@ -144,19 +144,14 @@ def ensure_student(storage: str | os.PathLike, backbone: str, image_size: int = 
     """The pretrained backbone weights for (backbone, image size, recipe): ``<storage>/students/<backbone>-<recipe
     hash>.pt`` (its summary in ``<...>.pt.json``), from the package's shipped file or pretrained on first use."""
     from ..data.synth.corpus import ensure_corpus
-    from .weights import atomic_save, file_lock, materialise, write_json
+    from .weights import atomic_save, ensure_file, materialise, write_json
 
     rec = recipe(backbone, image_size, **overrides)
     key = recipe_hash(rec)
     storage = Path(storage).expanduser().absolute()
     path = storage / "students" / f"{backbone}-{key}.pt"
-    if path.is_file():
-        if log:
-            log(f"student: reusing pretrained {path}")
-        return path
-    with file_lock(path.with_name(path.name + ".lock")):
-        if path.is_file():
-            return path
+
+    def produce() -> None:
         shipped = materialise(shipped_name(backbone, image_size), key, path) if use_shipped else None
         if shipped is not None:
             write_json({"recipe": rec, "recipe_hash": key, "source": "shipped", **{
@@ -164,7 +159,7 @@ def ensure_student(storage: str | os.PathLike, backbone: str, image_size: int = 
                 path.with_name(path.name + ".json"))
             if log:
                 log(f"student: {backbone} weights from the package (recipe {key}) -> {path}")
-            return path
+            return
         corpus = ensure_corpus(storage / "corpora", rec["corpus"], log=log)
         if log:
             log(f"student: pretraining {backbone} at {image_size} px on {corpus} (recipe {key}; "
@@ -173,5 +168,6 @@ def ensure_student(storage: str | os.PathLike, backbone: str, image_size: int = 
             state, summary = pretrain(rec, corpus, log=log)
         atomic_save(state, path)
         write_json({"recipe": rec, "recipe_hash": key, "source": "pretrained", "summary": summary},
-                    path.with_name(path.name + ".json"))
-    return path
+                   path.with_name(path.name + ".json"))
+
+    return ensure_file(path, produce, f"student: reusing pretrained {path}", log)

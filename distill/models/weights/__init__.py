@@ -68,6 +68,19 @@ def file_lock(path: str | os.PathLike):
         yield
 
 
+def ensure_file(path: Path, produce, reusing: str | None = None, log=print) -> Path:
+    """``path`` when it exists (logging ``reusing``), else ``produce()`` (which writes it) under ``path.lock``,
+    re-checked inside the lock: concurrent drivers produce a cached model once."""
+    if path.is_file():
+        if log and reusing:
+            log(reusing)
+        return path
+    with file_lock(path.with_name(path.name + ".lock")):
+        if not path.is_file():
+            produce()
+    return path
+
+
 def write_json(obj, path: str | os.PathLike) -> None:
     """Atomically write ``obj`` as indented, sorted JSON."""
     path = Path(path)
