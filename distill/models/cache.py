@@ -131,19 +131,12 @@ def teacher_outputs(teacher_spec: dict, images, prompt_sets: dict, storage: str 
                     f"the teacher-output cache under {cache} lacks what this trial needs, and this process may not "
                     f"load the teacher's weights (black-box mode): the driver computes the cache before the trial; "
                     f"is the storage directory shared by every node?")
-            from .teachers import load_teacher
-
-            teacher = load_teacher(arch, pretrained=pretrained, checkpoint=checkpoint, preprocess=preprocess,
-                                   device=device)
+            teacher = _teachers().load_teacher(arch, pretrained=pretrained, checkpoint=checkpoint,
+                                               preprocess=preprocess, device=device)
             say(f"teacher cache: loaded teacher {teacher.id} ({preprocess} preprocessing)")
         return teacher
 
-    if teacher_id_ is None:
-        from .teachers import teacher_id
-
-        tid = teacher_id(arch, pretrained, checkpoint)
-    else:
-        tid = teacher_id_
+    tid = teacher_id_ or _teachers().teacher_id(arch, pretrained, checkpoint)
     if tid is None:  # random init: the id needs the weights
         tid = get_teacher().id
     computed, reused = [], []
@@ -224,6 +217,7 @@ def teacher_outputs(teacher_spec: dict, images, prompt_sets: dict, storage: str 
 
 
 def _teachers():
+    """distill.models.teachers, imported where a teacher or its config is needed (it imports open_clip)."""
     from . import teachers
 
     return teachers
