@@ -7,6 +7,7 @@ several methods is dark grey. The test domain is the marker (val_vs_test.png, hi
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .selection import ERRORS, REPORTED, SELECTION_METRIC, creation_order, select, selectable
@@ -108,7 +109,10 @@ def accuracy_figure(results: dict, colours: dict[str, str] | None = None):
     ax.set_ylim(0, 100)
     ax.set_title("Selected by source-domain validation (solid) vs oracle on the test domain (hatched)\n"
                  f"error bars: {ERRORS.get(error, error)} over seeds", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    # below the axes, not over the bars (six methods with their oracles and several teachers fill a corner)
+    entries = len(ax.get_legend_handles_labels()[1])
+    ax.legend(fontsize=7, ncol=max(2, min(6, math.ceil(entries / 4))), loc="upper center",
+              bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig
 

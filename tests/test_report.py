@@ -576,6 +576,10 @@ def test_teacher_row_and_chance_in_markdown_json_latex_and_accuracy_plot(tmp_pat
     assert {60.0, 70.0} <= set(ys)   # sketch and Avg, drawn without a second legend entry
     chance = next(ln for ln in fig.axes[0].lines if ln.get_label() == "chance (20.0%)")
     assert list(chance.get_ydata()) == [20.0, 20.0]
+    # the legend sits below the axes, covering no bar
+    fig.canvas.draw()
+    box, axes_box = fig.axes[0].get_legend().get_window_extent(), fig.axes[0].get_window_extent()
+    assert box.y1 <= axes_box.y0
     plots._plt().close(fig)
 
 
