@@ -118,6 +118,12 @@ def train_loop(config: dict) -> None:
         import logging
 
         logging.getLogger("ray.train").setLevel(logging.WARNING)
+        try:   # Train's worker context logs every report under its file's path, not under "ray.train"
+            from ray.train.v2._internal.execution import context as train_context
+
+            logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+        except ImportError:
+            pass
     trainer = None
     try:
         trainer = Trainer(config, entered)
