@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import time
 
@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from ..data.images import save_atomic
 from .prompts import as_prompt_set
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .teachers import Teacher

@@ -3,6 +3,7 @@ track it in MLflow (parameters, the exact prompts embedded, metrics, the final a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEM
              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "86400"}
 
 
+@functools.cache
 def _trainer_class():
     """TorchTrainer, less the Ray Data manager it starts for every run (an actor process, ~2 s of CPU and ~200 MB)
     when the run has no Ray Datasets: a trial's workers read the shared image cache instead. Where Ray's (private)

@@ -60,9 +60,9 @@ def start_ahead(plan: Plan, running: int) -> tuple[int, str]:
     gpus = plan.cfg["resources"]["gpus_per_worker"] > 0
     n = (min(running, MAX_START_AHEAD) if gpus else 0) if given is None else given
     n = max(0, min(n, total - running))
-    rule = "search.start_ahead" if given is not None else "default: one per slot for GPU trials"
-    why = f"{n} started ahead, waiting for a slot ({rule})" if n else \
-        f"none started ahead of a free slot ({'search.start_ahead' if given is not None else 'default for CPU trials'})"
+    rule = "search.start_ahead" if given is not None else \
+        "default: one per slot for GPU trials" if gpus else "default for CPU trials"
+    why = f"{n} started ahead, waiting for a slot ({rule})" if n else f"none started ahead of a free slot ({rule})"
     return n, why
 
 
@@ -245,7 +245,7 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: bool = False) -> dict:
     if state and state.get("fingerprint") != plan.fingerprint():
         raise ConfigError([f"--resume: {sweep_dir} was started from a different config ({state.get('source')} "
                            f"{state.get('overrides') or ''}); resume with the same file and --set values "
-                           f"(only search.max_concurrent may change)"])
+                           f"(only search.max_concurrent and search.start_ahead may differ)"])
     ensure_ray()
     _give_trials_the_ray_address()
     running, why = concurrency(plan)
