@@ -1,4 +1,5 @@
-"""Does a sweep keep its cluster full? ``python benchmarks/sweep.py [--nodes 2] [--trials 4] [--steps 300]``.
+"""Does a sweep keep its cluster full? ``python benchmarks/sweep.py [--nodes 2] [--trials 4] [--steps 300]
+[--launcher train|inline]``.
 
 Starts a simulated multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head with no CPU for
 trials, plus ``--nodes`` nodes of one CPU each), runs a sweep of short ``small_cnn`` trials over several searches
@@ -14,7 +15,8 @@ holds), and measures:
 
 It also checks the sweep's results against the rules of the sequential order: every search ran exactly its
 trials, and each held-out domain's model was selected among its own search's trials. Prints a table and writes
-``benchmarks/results/sweep-<device>.json``.
+``benchmarks/results/sweep-cpu[-inline][-start-ahead-N].json`` (``--launcher inline``: each trial runs in its reused
+Tune trial process instead of a TorchTrainer's four new processes; ``--start-ahead N``).
 """
 from __future__ import annotations
 
@@ -34,13 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def sweep_yaml(storage: Path, trials: int, steps: int, nodes: int, start_ahead: int | None = None) -> dict:
+def sweep_yaml(storage: Path, trials: int, steps: int, nodes: int, start_ahead: int | None = None,
+               launcher: str = "train") -> dict:
     return {"name": "bench-sweep", "storage": str(storage), "seeds": [0], "test_domains": None,
             "dataset": {"world": {"per_class": 40}}, "teacher": {"prompts": "single"},
             "student": {"backbone": "small_cnn", "pretrained": "builtin"}, "method": {"name": "erm"},
             "train": {"steps": steps, "batch_size": 32, "eval_every": steps // 2, "amp": "off",
                       "lr_schedule": "cosine", "lr": 3e-3},
-            "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+            "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "launcher": launcher},
             "search": {"num_samples": trials, "max_concurrent": nodes, "start_ahead": start_ahead,
                        "sampler_seed": 0,
                        "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}}}}
@@ -55,6 +58,9 @@ def main(argv=None) -> int:
     parser.add_argument("--start-ahead", type=int, default=None,
                         help="search.start_ahead (default: the sweep's default, none for these CPU trials; N: "
                              "N trials started before a slot frees)")
+    parser.add_argument("--launcher", choices=["train", "inline"], default="train",
+                        help="resources.launcher: a TorchTrainer per trial (train), or each trial in its reused "
+                             "Tune trial process (inline)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
@@ -74,7 +80,8 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     try:
         path = storage / "sweep.yaml"
-        path.write_text(yaml.safe_dump(sweep_yaml(storage, args.trials, args.steps, args.nodes, args.start_ahead)))
+        path.write_text(yaml.safe_dump(sweep_yaml(storage, args.trials, args.steps, args.nodes, args.start_ahead,
+                                                   args.launcher)))
         plan = make_plan(path)
         t0 = time.time()
         results = run_sweep(plan)
@@ -105,7 +112,7 @@ def main(argv=None) -> int:
            "trials_per_search": {k: len(v) for k, v in sorted(per_search.items())},
            "steps_per_trial": args.steps, "wall_s": round(wall, 1), "sweep_s": round(total_s, 1),
            "ideal_s": round(ideal, 1), "utilisation": round(ideal / wall, 3) if wall else None,
-           "start_ahead": start_ahead(plan, args.nodes)[0],
+           "launcher": args.launcher, "start_ahead": start_ahead(plan, args.nodes)[0],
            "fixed_s_per_trial": round(statistics.mean(p["fixed"] for p in phases if "fixed" in p), 1),
            # what each trial cost its slot beyond its loop: the slots' time over the wall, less the loops, per trial
            "slot_s_beyond_loop_per_trial": round((wall * args.nodes - sum(loops)) / len(loops), 1),
@@ -117,18 +124,19 @@ def main(argv=None) -> int:
            "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    device = "cpu"
-    (dest / f"sweep-{device}.json").write_text(json.dumps(out, indent=1))
-    print("\n| nodes x CPU | searches x trials | started ahead | wall s | ideal s | utilisation | fixed s/trial | "
+    name = "sweep-cpu" + ("-inline" if args.launcher == "inline" else "") + \
+        (f"-start-ahead-{args.start_ahead}" if args.start_ahead else "")
+    (dest / f"{name}.json").write_text(json.dumps(out, indent=1))
+    print("\n| launcher | nodes x CPU | searches x trials | started ahead | wall s | ideal s | utilisation | fixed s/trial | "
           "slot s beyond the loop/trial | loop s/trial |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.nodes} x 1 | {out['searches']} x {args.trials} | {out['start_ahead']} | {out['wall_s']} | "
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.launcher} | {args.nodes} x 1 | {out['searches']} x {args.trials} | {out['start_ahead']} | {out['wall_s']} | "
           f"{out['ideal_s']} | {out['utilisation']} | {out['fixed_s_per_trial']} | "
           f"{out['slot_s_beyond_loop_per_trial']} | {out['loop_s_per_trial']} |")
     print(f"phases (mean s): {out['phases_mean_s']}")
     print(f"every search ran its trials: {out['every_search_ran_its_trials']}; each domain selected among its own "
           f"search: {selected_own}")
-    print(f"wrote {dest / f'sweep-{device}.json'}")
+    print(f"wrote {dest / f'{name}.json'}")
     return 0
 
 

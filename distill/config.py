@@ -70,6 +70,8 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 1,  # DDP workers per trial
         "cpus_per_worker": 1,
         "gpus_per_worker": 0,  # may be fractional (0.25: four small trials share a GPU)
+        "launcher": "train",  # train: a Ray Train TorchTrainer per trial | inline: single-worker trials run in
+                              # the launching process (a sweep's reused Tune trial function): no per-trial processes
     },
     # sweep-only sections, validated by distill.tune
     "seeds": None,
@@ -128,6 +130,7 @@ TYPES: dict[str, Any] = {
     "resources.num_workers": int,
     "resources.cpus_per_worker": NUMBER,
     "resources.gpus_per_worker": NUMBER,
+    "resources.launcher": str,
     "seeds": (list, type(None)),
     "search": (dict, type(None)),
 }
@@ -140,6 +143,7 @@ CHOICES = {
     "train.amp": ["auto", "bf16", "off"],
     "train.averaging": ["none", "sma", "swad"],
     "train.device_data": ["auto", "gpu", "host"],
+    "resources.launcher": ["train", "inline"],
 }
 
 FIT = "fit"
@@ -297,6 +301,9 @@ def schema_problems(cfg: dict) -> list[str]:
         problems.append(f"resources: gpus_per_worker {gpus!r} < 1 with num_workers {workers}: Ray may put two workers "
                         f"of one trial on the same GPU, and NCCL then fails with 'Duplicate GPU detected' (Ray issue "
                         f"48012); share GPUs between single-worker trials, or give each worker a whole GPU")
+    if get_dotted(cfg, "resources.launcher") == "inline" and isinstance(workers, int) and workers != 1:
+        problems.append(f"resources.launcher inline runs a trial's one worker in the launching process: "
+                        f"num_workers {workers} needs launcher train (a TorchTrainer of DDP workers)")
     return problems
 
 

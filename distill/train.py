@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m distill.train") -
         return 2
     cfg = trial_config(cfg, test_domain)
     t0 = time.time()
-    ensure_ray()
+    if cfg["resources"]["launcher"] != "inline":   # inline: the trial runs in this process, without Ray
+        ensure_ray()
     result = run_trial(cfg, fresh=args.fresh)
     print(summarize(result))
     print(f"[distill] trial finished in {time.time() - t0:.0f}s; MLflow run {result.mlflow_run_id} "

@@ -192,3 +192,34 @@ def test_a_worker_killed_mid_averaging_or_mid_stage_resumes_to_the_same_model(ra
         for key in a["model"]:
             assert torch.equal(a["model"][key], b["model"][key]), key
         assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
+
+
+def test_an_inline_trial_trains_the_torchtrainers_model_and_starts_no_train_actor(ray_session, session_storage,
+                                                                                mlflow_uri, tmp_path):
+    """resources.launcher inline: the same loop in this process. It ends with exactly the weights and evaluations
+    of the TorchTrainer run of the same trial (here after a fault mid-averaging, retried from its last checkpoint),
+    and starts no Ray Train actor."""
+    from ray.util.state import list_actors
+
+    over = {"method.name": "scmd", "train.averaging": "sma", "train.averaging_start": 2, "train.steps": 8,
+            "train.eval_every": 3}
+    cfg = tiny(session_storage, **{"student.backbone": "small_cnn", "train.max_failures": 1, **over})
+    clean = run_trial(cfg, name="clean-scmd")   # the parametrized test's clean run (or the same run, fresh)
+    trainers = sum(a.class_name == "TrainController" for a in list_actors(limit=10000))
+    inline_cfg = tiny(session_storage, **{"student.backbone": "small_cnn", "train.max_failures": 1,
+                                          "resources.launcher": "inline", **over})
+    faulty = {**prepare(inline_cfg), "inject_fault": {"step": 5, "marker": str(tmp_path / "fault")}}
+    inline = run_trial(inline_cfg, assets=faulty, name="inline-scmd", fresh=True)
+    assert (tmp_path / "fault").read_text() == "5"   # the fault did happen
+    a, b = _final_weights(clean), _final_weights(inline)
+    assert a["step"] == b["step"] == 8
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
+    assert sum(a.class_name == "TrainController" for a in list_actors(limit=10000)) == trainers
+    assert inline.phases["slot_wait"] == 0.0   # (workers_start: here up to the retry's start)
+    run = mlflow.MlflowClient(mlflow_uri).get_run(inline.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["resources.launcher"] == "inline"
+    assert run.data.metrics["phase/workers_start"] == inline.phases["workers_start"]
+    best = inline.get_best_checkpoint("checkpoint_score", "max")
+    assert Path(best.path).parent == session_storage / "train" / "inline-scmd"

@@ -251,19 +251,24 @@ def _sampler_seed_with_a_failing_trial(plan, n):
 
 
 @pytest.mark.slow
-def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypatch):
+@pytest.mark.parametrize("launcher", ["train", "inline"])
+def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypatch, launcher):
     import mlflow
     import optuna
     from ray.util import placement_group_table
+    from ray.util.state import list_actors
 
     uri = f"sqlite:///{session_storage / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    data = tiny(session_storage, "tiny", search={
-        "num_samples": 3, "max_concurrent": 2, "start_ahead": 1, "scheduler": "asha", "asha": {"grace_period": 1},
-        "max_failures": 0,
+    sweep = "tiny" if launcher == "train" else f"tiny-{launcher}"
+    data = tiny(session_storage, sweep, search={
+        "num_samples": 3, "max_concurrent": 2, "start_ahead": 1 if launcher == "train" else None,
+        "scheduler": "asha", "asha": {"grace_period": 1}, "max_failures": 0,
         "space": {"method.name": {"choice": ["erm", "kd"]},
                   "method.temperature": {"choice": [2.0, 4.0]},
                   "train.lr": {"choice": [2e-3, 1e30]}}})  # 1e30: the weights overflow, the loss is not finite
+    data["resources"]["launcher"] = launcher
+    controllers = sum(a.class_name == "TrainController" for a in list_actors(limit=10000))
     plan = tune.make_plan(write(tmp_path, data))
     seed, drawn = _sampler_seed_with_a_failing_trial(plan, 3)
     data["search"]["sampler_seed"] = seed
@@ -294,7 +299,7 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
 
     # MLflow: one parent run, nested children with the per-step and per-domain metrics
     client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name("tiny")
+    exp = client.get_experiment_by_name(sweep)
     parents = client.search_runs([exp.experiment_id], "tags.`distill.role` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
@@ -335,12 +340,12 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
     # the selected model, registered (or at least tagged)
     selected = by_name[sel["train_run"]]
     assert client.get_run(selected.info.run_id).data.tags.get("distill.selected") == "true"
-    versions = client.search_model_versions("name = 'tiny-sketch'")
+    versions = client.search_model_versions(f"name = '{sweep}-sketch'")
     assert [v.run_id for v in versions] == [selected.info.run_id]
 
     # the searcher saw source validation only: each Optuna value is the trial's best val_acc, each intermediate
     # value its val_acc_best at that round, never a test-domain accuracy
-    study = optuna.load_study(study_name="tiny:sketch-s0", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = optuna.load_study(study_name=f"{sweep}:sketch-s0", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     vals = {}
     for r in rows:
@@ -359,9 +364,16 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
     assert reported >= 2
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 2
 
-    # no placement group left behind
+    # no placement group left behind; inline, no TorchTrainer started at all
     time.sleep(2)
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+    started = sum(a.class_name == "TrainController" for a in list_actors(limit=10000)) - controllers
+    assert started == 0 if launcher == "inline" else started >= 3
+    if launcher == "inline":   # the selected checkpoint is an inline run's, in the sweep's Train storage
+        finished = [c for c in children if c.info.status == "FINISHED"]
+        assert finished and all(c.data.metrics["phase/workers_start"] < 1.0 for c in finished)   # no process
+        assert Path(sel["checkpoint_path"]).parent.name == sel["train_run"]
+        assert Path(sel["checkpoint_path"]).is_relative_to(Path(plan.train_root))
 
     # the searcher state Tune saved is read back only by --resume: a pickle planted there (shared storage anyone can
     # write) runs no code when the sweep's results are rebuilt and registered again

@@ -1,5 +1,6 @@
-"""Launching one trial on Ray Train: prepare in the driver, run a ``TorchTrainer`` of ``loop.train_loop`` workers,
-track it in MLflow (parameters, the exact prompts embedded, metrics, the final and best models)."""
+"""Launching one trial on Ray Train: prepare in the driver, run a ``TorchTrainer`` of ``loop.train_loop`` workers
+(or the loop here: ``resources.launcher: inline``, ``session``), track it in MLflow (parameters, the exact prompts
+embedded, metrics, the final and best models)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import tracking
+from . import session
 from ..config import config_hash, flatten, trial_config
 from .loop import CHECKPOINT_FILE, SCORE_METRIC, SELECTION_METRIC, train_loop
 from .prepare import method_hparams, prepare
@@ -106,11 +108,9 @@ def trial_params(cfg: dict, assets: dict) -> dict:
 def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None, name: str | None = None,
               train_storage: str | None = None, experiment: str | None = None, fresh: bool = False,
               assets: dict | None = None, tags: dict | None = None, verbose: bool = False):
-    """Run one trial (one test domain, one seed) as a Ray Train TorchTrainer; returns the ray.train.Result.
-    `assets`: the result of `prepare(cfg)` when the caller already prepared this trial; `tags`: extra MLflow tags
-    of its run."""
-    import ray.train
-
+    """Run one trial (one test domain, one seed) as a Ray Train TorchTrainer, or here with `resources.launcher:
+    inline`; returns the ray.train.Result (an InlineResult inline). `assets`: the result of `prepare(cfg)` when the
+    caller already prepared this trial; `tags`: extra MLflow tags of its run."""
     t = {"start": time.time()}
     if "test_domain" not in cfg:
         cfg = trial_config(cfg)
@@ -138,32 +138,18 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
         print(f"[distill] skipped {len(assets['skipped_images'])} unreadable image(s), e.g. "
               f"{assets['skipped_images'][:3]}", flush=True)
     t["tracked"] = time.time()
-    for key, value in TRAIN_ENV.items():   # Ray propagates these to the trial's controller and workers
-        os.environ.setdefault(key, value)
     res = cfg["resources"]
-    use_gpu = res["gpus_per_worker"] > 0
-    per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
-    callbacks = []
-    if tune:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
-    trainer = _trainer_class()(
-        train_loop,
-        train_loop_config={"cfg": cfg, "assets": assets, "mlflow": {"uri": uri, "run_id": run_id}, "name": name,
-                           "verbose": verbose},
-        scaling_config=ray.train.ScalingConfig(num_workers=res["num_workers"], use_gpu=use_gpu,
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=train_storage, callbacks=callbacks,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg["train"]["num_checkpoints"],
-                                                         checkpoint_score_attribute=SCORE_METRIC,
-                                                         checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg["train"]["max_failures"])))
+    config = {"cfg": cfg, "assets": assets, "mlflow": {"uri": uri, "run_id": run_id}, "name": name,
+              "verbose": verbose}
     t["fit"] = time.time()
     try:
-        with ray_address_for_trainers():
-            result = trainer.fit()
+        if res["launcher"] == "inline":
+            result = session.fit(train_loop, config, Path(train_storage) / name,
+                                 num_to_keep=cfg["train"]["num_checkpoints"], score=SCORE_METRIC,
+                                 max_failures=cfg["train"]["max_failures"], tune=tune)
+        else:
+            with ray_address_for_trainers():
+                result = _trainer(cfg, config, name, train_storage, tune).fit()
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         tracking.set_tags(uri, run_id, {tracking.STATUS_TAG: "failed", "distill.failure": reason[:4000]})
@@ -184,6 +170,32 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
     tracking.end_run(uri, run_id, "FINISHED")
     result.mlflow_run_id = run_id  # type: ignore[attr-defined]
     return result
+
+
+def _trainer(cfg: dict, config: dict, name: str, train_storage: str, tune: bool):
+    """The TorchTrainer of a trial: `resources.num_workers` workers running train_loop(config)."""
+    import ray.train
+
+    for key, value in TRAIN_ENV.items():   # Ray propagates these to the trial's controller and workers
+        os.environ.setdefault(key, value)
+    res = cfg["resources"]
+    use_gpu = res["gpus_per_worker"] > 0
+    per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
+    callbacks = []
+    if tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    return _trainer_class()(
+        train_loop, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=res["num_workers"], use_gpu=use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=train_storage, callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg["train"]["num_checkpoints"],
+                                                         checkpoint_score_attribute=SCORE_METRIC,
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg["train"]["max_failures"])))
 
 
 # the phases of a trial, in order: (name, start point, end point); points of the driver ("start", "prepared",

@@ -1,12 +1,13 @@
-"""The per-worker training loop of a trial (run by Ray Train's TorchTrainer on every worker).
+"""The per-worker training loop of a trial (run by Ray Train's TorchTrainer on every worker, or in the launching
+process with ``resources.launcher: inline``: ``session``).
 
 A trial is one or more stages (``Method.stages``: one stage of ``train.steps`` for most methods, Align then Distill
 for VL2V), each with a fresh optimiser and schedule; a stage after the first starts from the previous stage's best
 source-validation evaluation. Every ``train.eval_every`` steps of a stage (and at its end) the workers evaluate
-the source domains' validation splits and the test domain, report through Ray Train with a checkpoint, and log to
-MLflow. With ``train.averaging`` the evaluated (and reported, checkpointed, selected) model is the weight average:
-SMA at every evaluation; SWAD's loss-valley average at the stage's end (intermediate SWAD rows evaluate the raw
-model, as SWAD's trainer does, and are marked ``selectable: false``).
+the source domains' validation splits and the test domain, report (``session``: Ray Train, or the inline run)
+with a checkpoint, and log to MLflow. With ``train.averaging`` the evaluated (and reported, checkpointed, selected)
+model is the weight average: SMA at every evaluation; SWAD's loss-valley average at the stage's end (intermediate
+SWAD rows evaluate the raw model, as SWAD's trainer does, and are marked ``selectable: false``).
 
 Nothing is read back from the device at every step: loss terms are summed on the device and read every
 ``min(50, eval_every)`` steps; a non-finite loss is recorded on the device with its step and raised at that read.
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import tracking
+from . import session
 from .averaging import make_averager
 from .feed import Feeder, teacher_view
 from .prepare import load_task, method_context, method_hparams, teacher_outputs
@@ -112,7 +114,8 @@ FAILED = "failed"   # the report of a trial that failed deterministically carrie
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's per-worker function. ``config``: {"cfg": trial config, "assets": prepare(), "mlflow": {...}}."""
+    """Ray Train's per-worker function (or the inline run's). ``config``: {"cfg": trial config, "assets":
+    prepare(), "mlflow": {...}}."""
     entered = time.time()
     if not config.get("verbose"):   # Train's per-report and per-checkpoint lines: with --verbose only
         import logging
@@ -150,9 +153,7 @@ def slot_wait_seconds() -> float:
 
 def _report_failure(config: dict, trainer, reason: str) -> None:
     """Say why in the MLflow run (rank 0) and in one last report (every rank), then end normally: no retry."""
-    import ray.train
-
-    rank = ray.train.get_context().get_world_rank()
+    rank, _ = session.world()
     ml = config.get("mlflow") or {}
     if rank == 0:
         print(f"[distill] trial failed: {reason}", flush=True)
@@ -160,30 +161,25 @@ def _report_failure(config: dict, trainer, reason: str) -> None:
             tracking.set_tags(ml["uri"], ml["run_id"], {tracking.STATUS_TAG: "failed",
                                                         "distill.failure": reason[:4000]})
     step = trainer.history[-1]["step"] if trainer is not None and trainer.history else 0
-    ray.train.report({FAILED: reason, "step": step, "final": True, BEST_METRIC: float("nan"),
-                      SCORE_METRIC: -1.0}, checkpoint=None)
+    session.report({FAILED: reason, "step": step, "final": True, BEST_METRIC: float("nan"), SCORE_METRIC: -1.0})
 
 
 class Trainer:
     """One worker's trial: the model, its stages, evaluations, checkpoints and reports."""
 
     def __init__(self, config: dict, entered: float | None = None):
-        import ray.train
-        import ray.train.torch
-
         from ..methods import get_method
         from ..models.students import build_student
 
         # wall-clock time points of the worker's start (the driver turns them into the trial's phase breakdown)
         self.phases = {"worker_entered": entered or time.time(), "worker_imported": time.time()}
-        self.slot_wait = slot_wait_seconds()
+        self.slot_wait = 0.0 if session.inline() else slot_wait_seconds()   # inline: no workers to wait for
 
         self.cfg, self.assets, self.ml = config["cfg"], config["assets"], config.get("mlflow") or {}
         self.label = f"distill {config['name']}" if config.get("name") else "distill"   # whose line it is
         cfg, tc = self.cfg, self.cfg["train"]
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.rank, self.world = session.world()
+        self.device = session.device(cfg)
         self.amp = amp_dtype(self.device, tc["amp"])
         if self.device.type == "cpu":   # as many threads as the worker's CPUs: more only fight over the cores
             torch.set_num_threads(max(1, int(cfg["resources"]["cpus_per_worker"])))
@@ -218,6 +214,8 @@ class Trainer:
                            self.rank, teacher, self.amp)
         self.model = self.method
         if self.world > 1:
+            import ray.train.torch
+
             self.model = ray.train.torch.prepare_model(self.method,
                                                        parallel_strategy_kwargs={"find_unused_parameters": True})
         self.stages = method_cls.stages(hp, tc["steps"])
@@ -246,10 +244,8 @@ class Trainer:
         self.handoff = None   # {"state", "val_acc", "step"}: the best evaluation of a non-last stage
 
     def run(self) -> None:
-        import ray.train
-
         stage, start, state = 0, 0, None
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = session.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=self.device, weights_only=True)
@@ -360,12 +356,14 @@ class Trainer:
     def _maybe_die(self, step: int) -> None:
         """Fault injection for the fault-tolerance tests (``assets["inject_fault"] = {"step", "marker"}``): the
         worker process dies at that step once, as a killed node's would; Ray Train restarts it from the last
-        checkpoint."""
+        checkpoint. Inline (the process is the caller's) the loop raises instead, and is retried the same way."""
         fault = self.assets.get("inject_fault")
         if fault and step == fault["step"] and self.rank == fault.get("rank", 0):
             marker = Path(fault["marker"])
             if not marker.exists():
                 marker.write_text(str(step))
+                if session.inline():
+                    raise RuntimeError(f"injected fault at step {step}")
                 os._exit(1)
 
     # ------------------------------------------------------------------------------------------- evaluations
@@ -452,17 +450,15 @@ class Trainer:
         return stage_ends
 
     def _report(self, metrics: dict, state: dict | None) -> None:
-        import ray.train
-
         if self.assets.get("report_log"):   # every rank's reports, for the tests that compare ranks
             with open(Path(self.assets["report_log"]) / f"rank{self.rank}.jsonl", "a") as f:
                 f.write(json.dumps({k: v for k, v in metrics.items() if not k.startswith("time/")}) + "\n")
         if state is None:   # ranks > 0 report the same number of times, without a checkpoint
-            ray.train.report(metrics, checkpoint=None)
+            session.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            session.report(metrics, tmp)
 
     def _report_again(self, state: dict) -> None:
         """A finished trial run again (the same run name): its last evaluation, as it was, with its checkpoint."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import tracking
 from ..config import ConfigError, config_hash
-from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, TRIAL_RESOURCES, Plan, _join, describe, search_name, trial_cfg
+from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, Plan, _join, describe, search_name, trial_cfg, trial_resources
 from .runs import _parent_run, finish, reconcile_runs
 from .space import METRIC, MODE
 from .searcher import SEARCH_KEY, PerSearchScheduler, SweepSearcher
@@ -57,6 +57,8 @@ def start_ahead(plan: Plan, running: int) -> tuple[int, str]:
     from the running ones (measured: slower on a 2-core machine, README "Performance")."""
     total = plan.search["num_samples"] * len(plan.searches())
     given = plan.search.get("start_ahead")
+    if plan.cfg["resources"]["launcher"] == "inline":
+        return 0, "none started ahead of a free slot (launcher inline: a trial holds its resources from its start)"
     gpus = plan.cfg["resources"]["gpus_per_worker"] > 0
     n = (min(running, MAX_START_AHEAD) if gpus else 0) if given is None else given
     n = max(0, min(n, total - running))
@@ -148,7 +150,7 @@ def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool
     trainable = tune.with_resources(
         SweepTrial(plan.raw, plan.name, names, parent_run_id, plan.train_root, plan.tracking_uri,
                    str(sweep_dir / "lodo") if plan.search["lodo"] else None,
-                   tags={**tracking.context_tags(), "distill.sweep": plan.name}, verbose=verbose), TRIAL_RESOURCES)
+                   tags={**tracking.context_tags(), "distill.sweep": plan.name}, verbose=verbose), trial_resources(plan.cfg))
     t0 = time.time()
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"[distill.tune] resuming {exp_path}", flush=True)

@@ -29,6 +29,15 @@ SEARCH_DEFAULTS: dict[str, Any] = {
 # none either and whose workers get their own placement group); Tune refuses an all-zero request, so the trial asks
 # for a token of memory. Concurrency is then limited by max_concurrent_trials, computed from the cluster.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 1024 ** 2}
+
+
+def trial_resources(cfg: dict) -> dict:
+    """What a Tune trial's function holds: TRIAL_RESOURCES when a TorchTrainer's workers hold the trial's CPUs
+    and GPUs; with `resources.launcher: inline` the function runs the loop itself and holds the worker's."""
+    res = cfg["resources"]
+    if res.get("launcher") != "inline":
+        return dict(TRIAL_RESOURCES)
+    return {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if res["gpus_per_worker"] else {})}
 ROWS_FILE = "trials.jsonl"
 SWEEP_FILE = "sweep.json"
 PLAN_FILE = "plan.json"
@@ -94,7 +103,7 @@ class Plan:
                 "methods": self.methods, "method_searched": "method.name" in self.space.keys(),
                 "metric": METRIC, "mode": MODE, "search": self.search, "space": self.space.describe(),
                 "resources_per_trial": {"workers": self.cfg["resources"], "total": self.resources(),
-                                        "trial_function": TRIAL_RESOURCES},
+                                        "trial_function": trial_resources(self.cfg)},
                 "train_steps": self.cfg["train"]["steps"], "eval_every": self.cfg["train"]["eval_every"],
                 "storage": self.cfg["storage"], "sweep_dir": str(self.sweep_dir), "tune_root": self.tune_root,
                 "train_root": self.train_root, "tracking_uri": self.tracking_uri,
@@ -309,6 +318,10 @@ def make_plan(path: str | os.PathLike, overrides: list[str] | None = None, stora
             problems.append(f"search.asha.grace_period: {search['asha']['grace_period']} evaluation rounds is the "
                             f"whole trial ({rounds} rounds of train.eval_every={every} in train.steps={steps}): "
                             f"ASHA could never stop a trial")
+        if base_cfg["resources"]["launcher"] == "inline" and search["start_ahead"]:
+            problems.append(f"search.start_ahead: {search['start_ahead']} with resources.launcher inline: an inline "
+                            f"trial holds its CPUs/GPUs from its start, so none can start ahead of a free slot "
+                            f"(set 0 or null)")
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)), source)
 
@@ -348,7 +361,8 @@ def describe(plan: Plan, concurrency: str | None = None) -> str:
         f"student: {plan.cfg['student']['backbone']}   teacher: {plan.cfg['teacher']['arch']}",
         f"  each trial: {plan.cfg['train']['steps']} steps, evaluated every {plan.cfg['train']['eval_every']}; "
         f"{res['num_workers']} worker(s) x ({res['cpus_per_worker']} CPU, {res['gpus_per_worker']} GPU) "
-        f"= {plan.resources()} + the trial function {TRIAL_RESOURCES}",
+        + (f"= {plan.resources()}, run in the trial function (launcher inline)"
+           if res["launcher"] == "inline" else f"= {plan.resources()} + the trial function {TRIAL_RESOURCES}"),
         f"  concurrency: {concurrency or (search['max_concurrent'] or 'as many trials as the cluster holds')}",
         f"  searcher: Optuna TPE (multivariate, group; sampler seed {search['sampler_seed']}) maximising "
         f"{METRIC} (source-domain validation only); scheduler: {sched}; trial retries: {search['max_failures']}",

@@ -107,11 +107,15 @@ def _source_domains(cfg: dict) -> list[str]:
 
 
 def last_checkpoint(train_storage: str, run_name: str) -> dict:
-    """{"checkpoint_path": the latest checkpoint of a Train run} (empty when there is none)."""
+    """{"checkpoint_path": the latest checkpoint of a Train run, or of an inline run} (empty when there is none)."""
     import ray.train
 
+    from ..trial.session import InlineResult, is_inline_run
+
+    path = _run_path(train_storage, run_name)
     try:
-        checkpoint = ray.train.Result.from_path(_run_path(train_storage, run_name)).checkpoint
+        result = InlineResult(path) if is_inline_run(path) else ray.train.Result.from_path(path)
+        checkpoint = result.checkpoint
     except Exception:  # noqa: BLE001 - no run or no checkpoint: nothing to add
         return {}
     return {"checkpoint_path": checkpoint.path} if checkpoint is not None else {}
