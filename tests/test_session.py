@@ -125,6 +125,9 @@ def test_an_inline_sweep_holds_the_workers_resources_and_starts_nothing_ahead(tm
     with pytest.raises(ConfigError) as err:
         tune.make_plan(path)
     assert "search.start_ahead: 1 with resources.launcher inline" in str(err.value)
+    with pytest.raises(ConfigError) as err:   # Tune/Train results on a URI: inline runs write to a directory
+        tune.make_plan(path, storage="s3://bucket/sweeps")
+    assert "resources.launcher inline writes a trial's checkpoints to a directory" in str(err.value)
     # the launcher is part of what a --resume must keep
     data["search"]["start_ahead"] = None
     path.write_text(yaml.safe_dump(data))

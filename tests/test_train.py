@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -223,3 +224,23 @@ def test_an_inline_trial_trains_the_torchtrainers_model_and_starts_no_train_acto
     assert run.data.metrics["phase/workers_start"] == inline.phases["workers_start"]
     best = inline.get_best_checkpoint("checkpoint_score", "max")
     assert Path(best.path).parent == session_storage / "train" / "inline-scmd"
+
+    # the inline run's own process dies mid-averaging (a Tune trial actor lost with its node): running the trial
+    # again (Tune's retry does) resumes from its latest checkpoint, to the same weights
+    marker = tmp_path / "died"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+        from test_train import tiny
+        from distill.train import prepare, run_trial
+        cfg = tiny({str(session_storage)!r}, **{json.dumps({"student.backbone": "small_cnn", "train.max_failures": 1,
+                                                           "resources.launcher": "inline", **over})})
+        faulty = {{**prepare(cfg), "inject_fault": {{"step": 5, "marker": {str(marker)!r}, "process": True}}}}
+        run_trial(cfg, assets=faulty, name="inline-died", fresh=True)
+    """)
+    died = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert died.returncode == 1 and marker.read_text() == "5", died.stderr[-2000:]
+    again = run_trial(inline_cfg, name="inline-died")
+    c = _final_weights(again)
+    assert c["step"] == 8 and all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+    assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in c["history"]]

@@ -356,13 +356,14 @@ class Trainer:
     def _maybe_die(self, step: int) -> None:
         """Fault injection for the fault-tolerance tests (``assets["inject_fault"] = {"step", "marker"}``): the
         worker process dies at that step once, as a killed node's would; Ray Train restarts it from the last
-        checkpoint. Inline (the process is the caller's) the loop raises instead, and is retried the same way."""
+        checkpoint. Inline (the process is the caller's) the loop raises instead, and is retried the same way, unless
+        the fault says ``"process": true`` (the inline run's own process dies)."""
         fault = self.assets.get("inject_fault")
         if fault and step == fault["step"] and self.rank == fault.get("rank", 0):
             marker = Path(fault["marker"])
             if not marker.exists():
                 marker.write_text(str(step))
-                if session.inline():
+                if session.inline() and not fault.get("process"):
                     raise RuntimeError(f"injected fault at step {step}")
                 os._exit(1)
 

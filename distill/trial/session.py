@@ -177,6 +177,17 @@ def fit(train_fn, config: dict, run_dir: str | os.PathLike, *, num_to_keep: int 
             time.sleep(1)
         finally:
             _active = None
+            _release_gpu_cache()
+
+
+def _release_gpu_cache() -> None:
+    """The trial's cached GPU blocks back to the driver: another process sharing the GPU (fractional
+    gpus_per_worker) can use them, and the next trial in this process allocates afresh."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _checkpoint(path: Path):

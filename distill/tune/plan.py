@@ -318,6 +318,9 @@ def make_plan(path: str | os.PathLike, overrides: list[str] | None = None, stora
             problems.append(f"search.asha.grace_period: {search['asha']['grace_period']} evaluation rounds is the "
                             f"whole trial ({rounds} rounds of train.eval_every={every} in train.steps={steps}): "
                             f"ASHA could never stop a trial")
+        if base_cfg["resources"]["launcher"] == "inline" and results_root:
+            problems.append(f"resources.launcher inline writes a trial's checkpoints to a directory (shared by the "
+                            f"nodes), not to {results_root}: use a shared directory for --storage, or launcher train")
         if base_cfg["resources"]["launcher"] == "inline" and search["start_ahead"]:
             problems.append(f"search.start_ahead: {search['start_ahead']} with resources.launcher inline: an inline "
                             f"trial holds its CPUs/GPUs from its start, so none can start ahead of a free slot "
