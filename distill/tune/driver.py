@@ -20,8 +20,8 @@ from .trainable import FinishingASHA, SweepTrial, TrialLog, error_reason, trial_
 
 def concurrency(plan: Plan) -> tuple[int, str]:
     """Trials at once: search.max_concurrent, capped by what a local cluster holds (each trial's workers need
-    num_workers x cpus/gpus_per_worker; the trial function itself holds no CPU). On a cluster we connected to
-    (RAY_ADDRESS), which may autoscale, max_concurrent is taken as given."""
+    num_workers x cpus/gpus_per_worker, held by a TorchTrainer's workers, or inline by the trial function). On a
+    cluster we connected to (RAY_ADDRESS), which may autoscale, max_concurrent is taken as given."""
     import ray
 
     need = plan.resources()
