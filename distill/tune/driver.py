@@ -150,7 +150,8 @@ def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool
     trainable = tune.with_resources(
         SweepTrial(plan.raw, plan.name, names, parent_run_id, plan.train_root, plan.tracking_uri,
                    str(sweep_dir / "lodo") if plan.search["lodo"] else None,
-                   tags={**tracking.context_tags(), "distill.sweep": plan.name}, verbose=verbose), trial_resources(plan.cfg))
+                   tags={**tracking.context_tags(), "distill.sweep": plan.name}, verbose=verbose),
+        trial_resources(plan.cfg))
     t0 = time.time()
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"[distill.tune] resuming {exp_path}", flush=True)

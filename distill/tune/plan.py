@@ -29,6 +29,9 @@ SEARCH_DEFAULTS: dict[str, Any] = {
 # none either and whose workers get their own placement group); Tune refuses an all-zero request, so the trial asks
 # for a token of memory. Concurrency is then limited by max_concurrent_trials, computed from the cluster.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 1024 ** 2}
+ROWS_FILE = "trials.jsonl"
+SWEEP_FILE = "sweep.json"
+PLAN_FILE = "plan.json"
 
 
 def trial_resources(cfg: dict) -> dict:
@@ -38,9 +41,6 @@ def trial_resources(cfg: dict) -> dict:
     if res.get("launcher") != "inline":
         return dict(TRIAL_RESOURCES)
     return {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if res["gpus_per_worker"] else {})}
-ROWS_FILE = "trials.jsonl"
-SWEEP_FILE = "sweep.json"
-PLAN_FILE = "plan.json"
 
 
 @dataclass
