@@ -22,6 +22,7 @@ def _report(run: InlineRun, tmp_path: Path, score: float, step: int) -> None:
     src.mkdir()
     (src / "checkpoint.pt").write_text(str(step))
     run.report({"step": step, "checkpoint_score": score, "val_acc": score, "note": [1]}, str(src))
+    assert not any(src.iterdir())   # moved into the run, not copied
 
 
 def _kept(run_dir: Path) -> list[str]:

@@ -60,7 +60,8 @@ def get_checkpoint():
 
 
 def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
-    """One evaluation's metrics, with the directory of its checkpoint (copied into the run: it may go after)."""
+    """One evaluation's metrics, with the directory of its checkpoint (Train uploads a copy; an inline run moves
+    its files into the run directory: either way the caller may delete the directory after)."""
     if _active is not None:
         _active.report(metrics, checkpoint_dir)
         return
@@ -92,7 +93,9 @@ class InlineRun:
             name = f"checkpoint_{self.state['count']:06d}"
             tmp = self.dir / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, tmp)
+            tmp.mkdir()
+            for entry in Path(checkpoint_dir).iterdir():   # a rename on the same filesystem, else a copy
+                shutil.move(str(entry), str(tmp / entry.name))
             tmp.replace(self.dir / name)
             self.state["checkpoints"].append({"dir": name, "metrics": _plain(metrics)})
             dropped = self._prune()
