@@ -252,7 +252,7 @@ def _sampler_seed_with_a_failing_trial(plan, n):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["train", "inline"])
-def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypatch, launcher):
+def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypatch, launcher, capfd):
     import mlflow
     import optuna
     from ray.util import placement_group_table
@@ -369,6 +369,10 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
     started = sum(a.class_name == "TrainController" for a in list_actors(limit=10000)) - controllers
     assert started == 0 if launcher == "inline" else started >= 3
+    # what the trials printed reached the driver, without the Train controller's per-run lines (--verbose has them)
+    printed = "".join(capfd.readouterr())
+    assert "[distill tiny" in printed and "step 5/10" in printed
+    assert "Requesting resources" not in printed and "Attempting to start training worker group" not in printed
     if launcher == "inline":   # the selected checkpoint is an inline run's, in the sweep's Train storage
         finished = [c for c in children if c.info.status == "FINISHED"]
         assert finished and all(c.data.metrics["phase/workers_start"] < 1.0 for c in finished)   # no process

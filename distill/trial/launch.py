@@ -192,6 +192,9 @@ def _trainer(cfg: dict, config: dict, name: str, train_storage: str, tune: bool)
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=name, storage_path=train_storage, callbacks=callbacks,
+            # the controller's per-run lines ("Requesting resources ...", "Attempting to start training worker
+            # group ..."): with --verbose only, as the worker's
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if config.get("verbose") else "WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg["train"]["num_checkpoints"],
                                                          checkpoint_score_attribute=SCORE_METRIC,
                                                          checkpoint_score_order="max"),

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m distill.tune") ->
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep from its storage")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     parser.add_argument("--verbose", action="store_true",
-                        help="also Ray's own status tables and Ray Train's per-report and checkpoint lines")
+                        help="also Ray's own status tables, Ray Train's per-report and checkpoint lines and its "
+                             "controller's per-trial resource requests")
     args = parser.parse_args(argv)
     try:
         plan = make_plan(args.space, args.overrides, args.storage)
