@@ -50,7 +50,7 @@ def sweep_yaml(storage: Path, trials: int, steps: int, nodes: int, start_ahead: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("``")[0].strip())
     parser.add_argument("--nodes", type=int, default=2,
                         help="simulated worker nodes of 1 CPU each (more than the machine's cores oversubscribes)")
     parser.add_argument("--trials", type=int, default=4, help="trials per search (4 searches)")
