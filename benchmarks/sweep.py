@@ -127,11 +127,11 @@ def main(argv=None) -> int:
     name = "sweep-cpu" + ("-inline" if args.launcher == "inline" else "") + \
         (f"-start-ahead-{args.start_ahead}" if args.start_ahead else "")
     (dest / f"{name}.json").write_text(json.dumps(out, indent=1))
-    print("\n| launcher | nodes x CPU | searches x trials | started ahead | wall s | ideal s | utilisation | fixed s/trial | "
-          "slot s beyond the loop/trial | loop s/trial |")
+    print("\n| launcher | nodes x CPU | searches x trials | started ahead | wall s | ideal s | utilisation | "
+          "fixed s/trial | slot s beyond the loop/trial | loop s/trial |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.launcher} | {args.nodes} x 1 | {out['searches']} x {args.trials} | {out['start_ahead']} | {out['wall_s']} | "
-          f"{out['ideal_s']} | {out['utilisation']} | {out['fixed_s_per_trial']} | "
+    print(f"| {args.launcher} | {args.nodes} x 1 | {out['searches']} x {args.trials} | {out['start_ahead']} | "
+          f"{out['wall_s']} | {out['ideal_s']} | {out['utilisation']} | {out['fixed_s_per_trial']} | "
           f"{out['slot_s_beyond_loop_per_trial']} | {out['loop_s_per_trial']} |")
     print(f"phases (mean s): {out['phases_mean_s']}")
     print(f"every search ran its trials: {out['every_search_ran_its_trials']}; each domain selected among its own "

@@ -83,8 +83,7 @@ class InlineRun:
         self.metrics: dict | None = None
 
     def latest(self):
-        entries = self.state["checkpoints"]
-        return _checkpoint(self.dir / entries[-1]["dir"]) if entries else None
+        return _latest(self.dir, self.state)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         out = dict(metrics)
@@ -147,7 +146,7 @@ class InlineResult:
         self._state = read_index(run_dir)
         entries = self._state["checkpoints"]
         self.metrics = metrics if metrics is not None else (dict(entries[-1]["metrics"]) if entries else None)
-        self.checkpoint = _checkpoint(Path(run_dir) / entries[-1]["dir"]) if entries else None
+        self.checkpoint = _latest(run_dir, self._state)
 
     def get_best_checkpoint(self, metric: str, mode: str = "max"):
         """The kept checkpoint with the best `metric` (ties: the earlier, as Ray's Result)."""
@@ -191,6 +190,12 @@ def _release_gpu_cache() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def _latest(run_dir: str | os.PathLike, state: dict):
+    """The latest kept checkpoint of a run (its index `state`), or None."""
+    entries = state["checkpoints"]
+    return _checkpoint(Path(run_dir) / entries[-1]["dir"]) if entries else None
 
 
 def _checkpoint(path: Path):

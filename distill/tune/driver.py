@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import tracking
 from ..config import ConfigError, config_hash
-from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, Plan, _join, describe, search_name, trial_cfg, trial_resources
+from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, Plan, _join, describe, search_name, trial_cfg
 from .runs import _parent_run, finish, reconcile_runs
 from .space import METRIC, MODE
 from .searcher import SEARCH_KEY, PerSearchScheduler, SweepSearcher
@@ -151,7 +151,7 @@ def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool
         SweepTrial(plan.raw, plan.name, names, parent_run_id, plan.train_root, plan.tracking_uri,
                    str(sweep_dir / "lodo") if plan.search["lodo"] else None,
                    tags={**tracking.context_tags(), "distill.sweep": plan.name}, verbose=verbose),
-        trial_resources(plan.cfg))
+        plan.trial_function_resources())
     t0 = time.time()
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"[distill.tune] resuming {exp_path}", flush=True)

@@ -34,15 +34,6 @@ SWEEP_FILE = "sweep.json"
 PLAN_FILE = "plan.json"
 
 
-def trial_resources(cfg: dict) -> dict:
-    """What a Tune trial's function holds: TRIAL_RESOURCES when a TorchTrainer's workers hold the trial's CPUs
-    and GPUs; with `resources.launcher: inline` the function runs the loop itself and holds the worker's."""
-    res = cfg["resources"]
-    if res.get("launcher") != "inline":
-        return dict(TRIAL_RESOURCES)
-    return {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if res["gpus_per_worker"] else {})}
-
-
 @dataclass
 class Plan:
     """Everything a sweep needs, validated, before any Ray work."""
@@ -94,6 +85,11 @@ class Plan:
             out["GPU"] = res["num_workers"] * res["gpus_per_worker"]
         return out
 
+    def trial_function_resources(self) -> dict:
+        """What a Tune trial's function holds: TRIAL_RESOURCES when a TorchTrainer's workers hold the trial's CPUs
+        and GPUs; with `resources.launcher: inline` the function runs the loop itself and holds them (one worker)."""
+        return self.resources() if self.cfg["resources"]["launcher"] == "inline" else dict(TRIAL_RESOURCES)
+
     def to_dict(self) -> dict:
         return {"sweep": self.name, "source": self.source, "overrides": self.overrides,
                 "test_domains": self.test_domains, "seeds": self.seeds,
@@ -103,7 +99,7 @@ class Plan:
                 "methods": self.methods, "method_searched": "method.name" in self.space.keys(),
                 "metric": METRIC, "mode": MODE, "search": self.search, "space": self.space.describe(),
                 "resources_per_trial": {"workers": self.cfg["resources"], "total": self.resources(),
-                                        "trial_function": trial_resources(self.cfg)},
+                                        "trial_function": self.trial_function_resources()},
                 "train_steps": self.cfg["train"]["steps"], "eval_every": self.cfg["train"]["eval_every"],
                 "storage": self.cfg["storage"], "sweep_dir": str(self.sweep_dir), "tune_root": self.tune_root,
                 "train_root": self.train_root, "tracking_uri": self.tracking_uri,
