@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,
         "amp": "auto",  # auto (bf16 on GPU) | bf16 | off
         "grad_clip": None,
-        "num_checkpoints": 2,  # checkpoints kept per trial, best by source-validation accuracy
+        "num_checkpoints": 2,  # kept per trial: the latest, and the best by source validation (first of equal scores)
         "max_failures": 1,  # worker failures retried from the last checkpoint
         "averaging": "none",  # none | sma (DomainBed/SCMD's moving average) | swad (SWAD's loss-valley average)
         "averaging_start": 300,  # sma: the first averaged step (SCMD: 300)

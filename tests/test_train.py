@@ -244,3 +244,35 @@ def test_an_inline_trial_trains_the_torchtrainers_model_and_starts_no_train_acto
     c = _final_weights(again)
     assert c["step"] == 8 and all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
     assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in c["history"]]
+
+
+@pytest.mark.parametrize("launcher", ["train", "inline"])
+def test_equal_scores_keep_the_checkpoint_that_validation_selects(ray_session, session_storage, mlflow_uri, launcher):
+    """A trial whose evaluations score the same source validation at every step (frozen BatchNorm, a learning rate
+    that moves no prediction): validation selection picks the earliest of equal scores, and with one checkpoint kept
+    that step's weights are still there (Train's keep rule alone prefers the later of equal scores and kept only the
+    last); the selected weights read back through the sweep's own reader."""
+    from distill.selection import select
+    from distill.tune.runs import read_selected_checkpoint
+
+    cfg = tiny(session_storage, **{"student.backbone": "small_cnn", "student.freeze_bn": True, "train.lr": 1e-20,
+                                   "train.steps": 6, "train.eval_every": 2, "train.num_checkpoints": 1,
+                                   "resources.launcher": launcher})
+    name = f"ties-{launcher}"
+    result = run_trial(cfg, name=name, fresh=True)
+    history = _final_weights(result)["history"]
+    assert [r["step"] for r in history] == [2, 4, 6]
+    assert len({r["val_acc"] for r in history}) == 1   # the tie this test is about
+    chosen = select(history)
+    assert chosen["step"] == 2
+    kept = sorted(p.name for p in (session_storage / "train" / name).glob("checkpoint_*")
+                  if (p / "checkpoint.pt").is_file())
+    assert len(kept) == 2   # the selected one and the latest (always kept)
+    steps = {}
+    for p in kept:
+        state = read_selected_checkpoint(str(session_storage / "train" / name / p), str(session_storage / "train"))
+        steps[state["step"]] = state
+    assert sorted(steps) == [2, 6]
+    best = result.get_best_checkpoint("checkpoint_score", "max")
+    with best.as_directory() as d:
+        assert torch.load(Path(d) / "checkpoint.pt", weights_only=True)["step"] == 2

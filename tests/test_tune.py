@@ -392,8 +392,19 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
         old.write_bytes(pickle.dumps(Evil()))
     (exp / "searcher-state-zzz.pkl").write_bytes(pickle.dumps(Evil()))
     report.build_from_dirs([sweep_dir])
-    tune.finish(plan, parent.info.run_id)
+    again = tune.finish(plan, parent.info.run_id)
     assert not marker.exists()
+    assert results["unregistered"] == [] and again["unregistered"] == []   # registered once, not twice
+    assert [v.run_id for v in client.search_model_versions(f"name = '{sweep}-sketch'")] == [selected.info.run_id]
+
+    # a selected model that cannot be registered is an error of the sweep, named on its parent run, not a log line
+    client.delete_registered_model(f"{sweep}-sketch")
+    import shutil
+
+    shutil.rmtree(sel["checkpoint_path"])
+    lost = tune.finish(plan, parent.info.run_id)
+    assert len(lost["unregistered"]) == 1 and f"{sweep}-sketch (seed 0" in lost["unregistered"][0]
+    assert "is gone" in client.get_run(parent.info.run_id).data.tags["distill.unregistered"]
 
 
 @pytest.mark.slow
@@ -467,20 +478,23 @@ def test_lodo_sweep_trains_each_trials_leave_one_domain_out_models_and_selects_o
     uri = f"sqlite:///{session_storage / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     data = tiny(session_storage, "lodo", search={"num_samples": 1, "max_concurrent": 1, "lodo": True})
-    data["train"].update({"steps": 4, "eval_every": 2})
+    data["train"].update({"steps": 6, "eval_every": 2})
     data["student"]["backbone"] = "small_cnn"
     results = tune.run_sweep(tune.make_plan(write(tmp_path, data)))
     sweep_dir = session_storage / "lodo"
     lodo = report.load_lodo_rows(sweep_dir)
     assert sorted({r["lodo_domain"] for r in lodo}) == ["cartoon", "painting", "photo"]
     assert sorted((r["lodo_domain"], r["step"]) for r in lodo) == [(d, s) for d in ("cartoon", "painting", "photo")
-                                                                  for s in (2, 4)]
+                                                                  for s in (2, 4, 6)]
     main = report.load_rows(sweep_dir)
     # the LODO choice, computed here: per step, the mean of the three held-out source accuracies
-    by_step = {s: sum(r["lodo_acc"] for r in lodo if r["step"] == s) / 3 for s in (2, 4)}
+    by_step = {s: sum(r["lodo_acc"] for r in lodo if r["step"] == s) / 3 for s in (2, 4, 6)}
     step = max(sorted(by_step), key=lambda s: by_step[s])
     sel = results["selected"]["lodo"][0]
     assert sel["step"] == step and sel["test_acc"] == next(r["test_acc"] for r in main if r["step"] == step)
+    # any selectable evaluation may be LODO's choice: the main trial kept every checkpoint (one per evaluation; 2 by default)
+    run_dir = Path(sel["checkpoint_path"]).parent
+    assert len([p for p in run_dir.glob("checkpoint_*") if (p / "checkpoint.pt").is_file()]) == 3
     assert "leave-one-domain-out" in (sweep_dir / "results.md").read_text().lower()
 
 

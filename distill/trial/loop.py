@@ -34,7 +34,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 2
 SELECTION_METRIC = "val_acc"   # mean source-domain validation accuracy: the only metric selection may use
 BEST_METRIC = "val_acc_best"   # best selectable val_acc so far in the trial: what Optuna and ASHA see
-SCORE_METRIC = "checkpoint_score"   # val_acc of a selectable evaluation, -1 otherwise: which checkpoints Train keeps
+SCORE_METRIC = "checkpoint_score"   # val_acc of a selectable new best, -1 otherwise: which checkpoints are kept
 
 
 def make_optimizer(groups: list[dict], tc: dict):
@@ -404,6 +404,10 @@ class Trainer:
             res, val_acc, val_loss = self._scores(evaluated)
             eval_model = "swad"
         selectable = last_stage and eval_model != "raw" if self.cfg["train"]["averaging"] == "swad" else last_stage
+        # the checkpoint score: val_acc only where this evaluation is the trial's first at a new best, the one step
+        # of the trial that validation selection can pick (its ties go to the earlier step): the keep rule then
+        # always holds it, whatever later evaluations tie with it
+        new_best = selectable and (self.best["selectable"] is None or val_acc > self.best["selectable"])
         for key, value in (("selectable", val_acc if selectable else None), ("any", val_acc)):
             if value is not None and (self.best[key] is None or value > self.best[key]):
                 self.best[key] = value
@@ -414,7 +418,7 @@ class Trainer:
             "test_acc": res["test_in"][0], "test_out_acc": res["test_out"][0], **train_terms,
             "steps_per_s": steps_per_s, "stage": name, "eval_model": eval_model, "selectable": selectable,
             "final": bool(last_stage and stage_ends), "total_steps": self.total,
-            SCORE_METRIC: val_acc if selectable else -1.0,
+            SCORE_METRIC: val_acc if new_best else -1.0,
         }
         if "lodo_in" in res:
             metrics["lodo_acc"] = res["lodo_in"][0]

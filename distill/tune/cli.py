@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m distill.tune") ->
         if args.dry_run:
             print(describe(plan))
             return 0
-        run_sweep(plan, resume=args.resume, verbose=args.verbose)
+        results = run_sweep(plan, resume=args.resume, verbose=args.verbose)
+        if results.get("unregistered"):
+            return 1   # a selected model is not in the registry: the sweep's answer is incomplete
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

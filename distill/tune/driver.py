@@ -235,6 +235,11 @@ def _load_state(plan: Plan) -> dict | None:
     return _read_json(plan.sweep_dir / SWEEP_FILE)
 
 
+def resume_command(plan: Plan) -> str:
+    sets = "".join(f" --set {k}={v}" for k, v in plan.overrides.items())
+    return f"python -m distill.tune --space {plan.source}{sets} --resume"
+
+
 def run_sweep(plan: Plan, resume: bool = False, verbose: bool = False) -> dict:
     """The whole sweep; returns report.build's results (also written to the sweep dir)."""
     from .. import report
@@ -286,9 +291,7 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: bool = False) -> dict:
     except KeyboardInterrupt as exc:
         tracking.set_tags(plan.tracking_uri, parent, {tracking.STATUS_TAG: "interrupted"})
         tracking.end_run(plan.tracking_uri, parent, "KILLED")
-        print(f"[distill.tune] interrupted ({exc or 'Ctrl-C'}); continue with: python -m distill.tune --space "
-              f"{plan.source} {' '.join(f'--set {k}={v}' for k, v in plan.overrides.items())} --resume".rstrip(),
-              flush=True)
+        print(f"[distill.tune] interrupted ({exc or 'Ctrl-C'}); continue with: {resume_command(plan)}", flush=True)
         raise
     except BaseException as exc:
         tracking.set_tags(plan.tracking_uri, parent, {tracking.STATUS_TAG: "failed",
@@ -300,8 +303,13 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: bool = False) -> dict:
                                                  "distill.sweep_seconds": round(time.time() - t0)})
     tracking.end_run(plan.tracking_uri, parent, "FINISHED")
     print(report.render_text(results), flush=True)
+    for line in results["unregistered"]:
+        print(f"[distill.tune] error: selected model not registered: {line}", flush=True)
     print(f"[distill.tune] sweep {plan.name!r} done in {time.time() - t0:.0f}s\n"
           f"  results: {sweep_dir}/results.md (.csv, .json, .tex)\n  plots:   {sweep_dir}/plots/\n"
           f"  MLflow:  {mlflow_ui_command(plan.tracking_uri)}   (experiment {plan.name!r}, parent run {parent})",
           flush=True)
+    if results["unregistered"]:
+        print(f"[distill.tune] {len(results['unregistered'])} selected model(s) not registered (above); once the "
+              f"cause is fixed, register them with: {resume_command(plan)}", flush=True)
     return results

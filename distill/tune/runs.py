@@ -137,15 +137,22 @@ def finish(plan: Plan, parent: str) -> dict:
     # the parent run's description (its page's "Description"): the plan and the results
     tracking.set_tags(uri, parent, {"mlflow.note.content": f"```\n{describe(plan)}\n```\n\n"
                                                           f"{report.render_text(results)}"[:60000]})
-    register_selected(plan, results, run_ids)
+    results["unregistered"] = register_selected(plan, results, run_ids)
+    if results["unregistered"]:
+        tracking.set_tags(uri, parent, {"distill.unregistered": "; ".join(results["unregistered"])[:4000]})
+    elif "distill.unregistered" in tracking.client(uri).get_run(parent).data.tags:   # registered by --resume
+        tracking.client(uri).delete_tag(parent, "distill.unregistered")
     return results
 
 
-def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> None:
+def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> list[str]:
     """The selected model of each held-out domain (per seed): its child run gets the selected step's metrics
     (`selected_test_acc`, `selected_val_acc`, `selected_step`: the runs table sorts and compares on them) and the tag
     `distill.selected`, and the selected (trial, step)'s weights are logged with mlflow.pytorch as a module that maps
-    normalised images to class logits, registered as a version of `<sweep>-<test domain>` (one per seed)."""
+    normalised images to class logits, registered as a version of `<sweep>-<test domain>` (one per seed).
+
+    Returns what could not be registered, one line each (the sweep's summary shows them as errors and its exit
+    status says so; `--resume` tries them again); an empty list when every selected model is registered."""
     from .. import report
     from ..trial.export import log_predictor, predictor
     from .plan import trial_cfg
@@ -153,18 +160,19 @@ def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> Non
     uri = plan.tracking_uri
     c = tracking.client(uri)
     overall = report.overall_group(results)
+    failures = []
     for sel in results["selected"]["validation"]:
         if sel["method_group"] != overall:
             continue
+        model = _model_name(f"{plan.name}-{sel['test_domain']}")
         run_id = run_ids.get(sel["train_run"])
         if not run_id:
-            print(f"[distill.tune] no MLflow run for {sel['train_run']}; not registered", flush=True)
+            failures.append(f"{model} (seed {sel['seed']}): no MLflow run for {sel['train_run']}")
             continue
         tracking.set_tags(uri, run_id, {"distill.selected": "true",
                                         f"distill.selected_for.{sel['test_domain']}.s{sel['seed']}": sel["step"]})
         tracking.log_metrics(uri, run_id, {"selected_test_acc": sel["test_acc"], "selected_val_acc": sel["val_acc"],
                                            "selected_step": sel["step"]}, 0)
-        model = _model_name(f"{plan.name}-{sel['test_domain']}")
         try:
             if [v for v in c.search_model_versions(f"name = '{model}'") if v.run_id == run_id]:
                 continue   # registered by an earlier finish of this sweep
@@ -178,9 +186,10 @@ def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> Non
                     c.set_model_version_tag(model, str(version), f"distill.{key}", str(sel[key]))
             print(f"[distill.tune] registered {model} version {version} ({sel['method']}, seed {sel['seed']}, step "
                   f"{sel['step']}): mlflow.pytorch.load_model('models:/{model}/{version}')", flush=True)
-        except Exception as exc:  # noqa: BLE001 - the tag and metrics above stand for the registry
-            print(f"[distill.tune] could not register {model} ({type(exc).__name__}: {exc}); the child run is "
-                  f"tagged distill.selected=true instead", flush=True)
+        except Exception as exc:  # noqa: BLE001 - reported with the others at the end of the sweep
+            failures.append(f"{model} (seed {sel['seed']}, {sel['train_run']} step {sel['step']}): "
+                            f"{type(exc).__name__}: {exc}")
+    return failures
 
 
 def _model_name(name: str) -> str:

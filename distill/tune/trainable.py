@@ -56,6 +56,8 @@ class SweepTrial:
             return
         if self.lodo_dir:
             self.lodo_runs(params, test_domain, seed, trial_id, name)
+            # leave-one-domain-out selection may pick any selectable evaluation of this trial: keep every checkpoint
+            cfg["train"]["num_checkpoints"] = None
         try:
             run_trial(cfg, tune=True, parent_run_id=self.parent_run_id, name=name, train_storage=self.train_storage,
                       experiment=self.sweep, tags={**self.tags, **searched_tags(params)}, verbose=self.verbose)
