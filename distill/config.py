@@ -65,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
         "swad": {"n_converge": 3, "n_tolerance": 6, "tolerance_ratio": 0.3, "bn_steps": 500},  # SWAD's defaults
         "device_data": "auto",  # auto | gpu | host: the decoded images on the GPU, or in host memory (streamed)
         "compile": False,  # torch.compile the student's backbone (GPU; measure it: benchmarks/loop.py)
+        "stop_collapsed": 0,  # N > 0: a trial whose best source-val accuracy in its last stage is still at most
+                              # 1.5 x chance after N evaluation rounds stops there, marked collapsed; 0: never
     },
     "resources": {
         "num_workers": 1,  # DDP workers per trial
@@ -127,6 +129,7 @@ TYPES: dict[str, Any] = {
     "train.swad.bn_steps": int,
     "train.device_data": str,
     "train.compile": bool,
+    "train.stop_collapsed": int,
     "resources.num_workers": int,
     "resources.cpus_per_worker": NUMBER,
     "resources.gpus_per_worker": NUMBER,
@@ -276,6 +279,7 @@ def schema_problems(cfg: dict) -> list[str]:
     check("train.eval_every", lambda v: v >= 1, "must be >= 1")
     check("train.num_checkpoints", lambda v: v >= 1, "must be >= 1")
     check("train.max_failures", lambda v: v >= 0, "must be >= 0")
+    check("train.stop_collapsed", lambda v: v >= 0, "must be >= 0 (evaluation rounds; 0: never)")
     check("train.grad_clip", lambda v: v > 0, "must be > 0")
     check("teacher.views", lambda v: v >= 0, "must be >= 0 (0: the centre view only)")
     check("train.averaging_start", lambda v: v >= 1, "must be >= 1")

@@ -172,10 +172,26 @@ def build(sweeps: list[dict], error: str = "se", selection: str = "validation", 
         "counts": {"trials": len(trials), "rows": sum(len(sw["rows"]) for sw in sweeps),
                    "lodo_rows": sum(len(sw.get("lodo") or []) for sw in sweeps),
                    "early_stopped": sum(e.get("status") == "early_stopped" for e in events),
+                   "collapsed": sum(e.get("status") == "collapsed" for e in events),
                    "failed": sum(e.get("status") == "error" for e in events)},
+        "ends_by_method": ends_by_method(events),
         "failures": [{"search": e.get("search"), "trial_id": e.get("trial_id"), "method": e.get("method"),
                       "error": e.get("error")} for e in events if e.get("status") == "error"],
     }
+
+
+def ends_by_method(events: list[dict]) -> dict[str, dict[str, int]]:
+    """method -> {trials, completed, early_stopped (ASHA), collapsed (train.stop_collapsed), failed}: how each
+    method's trials ended (the last `end` event of each)."""
+    out: dict[str, dict[str, int]] = {}
+    for e in events:
+        counts = out.setdefault(str(e.get("method")), {"trials": 0, "completed": 0, "early_stopped": 0,
+                                                        "collapsed": 0, "failed": 0})
+        counts["trials"] += 1
+        status = "failed" if e.get("status") == "error" else e.get("status")
+        if status in counts:
+            counts[status] += 1
+    return dict(sorted(out.items()))
 
 
 def _gap(table: dict[str, list]) -> list[dict]:

@@ -164,6 +164,9 @@ def render_text(results: dict, selection: str | None = None) -> str:
            f"{counts['trials']} trials, {counts['rows']} evaluation rows"
            + (f", {counts['lodo_rows']} leave-one-domain-out rows" if counts.get("lodo_rows") else "")
            + (f", {counts['early_stopped']} stopped early (ASHA)" if counts.get("early_stopped") else "")
+           + (f", {counts['collapsed']} collapsed (stopped at chance: "
+              + ", ".join(f"{m} {c['collapsed']}/{c['trials']}" for m, c in results.get("ends_by_method", {}).items()
+                          if c["collapsed"]) + ")" if counts.get("collapsed") else "")
            + (f", {counts['failed']} failed" if counts.get("failed") else "")
            + f"; {_error_phrase(results)}."]
     if teacher_note(results):

@@ -771,3 +771,17 @@ def test_cli_baseline_flag(tmp_path, capsys):
     assert "Paired against" not in capsys.readouterr().out
     assert report.main([*paths, "--baseline", "rise"]) == 2
     assert "--baseline 'rise' is not a method row of these sweeps; one of ['erm', 'kd']" in capsys.readouterr().err
+
+
+def test_how_each_methods_trials_ended_is_counted_and_collapsed_trials_are_named():
+    rows = [row(1, 10, 0.5, 0.4, method="erm"), row(2, 10, 0.6, 0.5, method="scmd"), row(3, 5, 0.2, 0.2, method="scmd")]
+    end = lambda trial, method, status: {"event": "end", "search": "photo-s0", "trial_id": f"abcde_{trial:05d}",  # noqa
+                                         "method": method, "status": status}
+    events = [end(1, "erm", "completed"), end(2, "scmd", "early_stopped"), end(3, "scmd", "collapsed"),
+              end(4, "scmd", "error")]
+    results = report.build([sweep(rows, searched=True, events=events)])
+    assert results["ends_by_method"] == {
+        "erm": {"trials": 1, "completed": 1, "early_stopped": 0, "collapsed": 0, "failed": 0},
+        "scmd": {"trials": 3, "completed": 0, "early_stopped": 1, "collapsed": 1, "failed": 1}}
+    assert results["counts"]["collapsed"] == 1
+    assert "1 collapsed (stopped at chance: scmd 1/3)" in report.render_text(results)

@@ -276,3 +276,29 @@ def test_equal_scores_keep_the_checkpoint_that_validation_selects(ray_session, s
     best = result.get_best_checkpoint("checkpoint_score", "max")
     with best.as_directory() as d:
         assert torch.load(Path(d) / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_a_collapsed_trial_stops_after_its_rounds_at_chance(ray_session, session_storage, mlflow_uri):
+    """train.stop_collapsed = 1: a student that predicts one class (from scratch, Adam at lr 10) stops after its
+    first evaluation round instead of running its 12 steps, its last report says `collapsed`, its MLflow run is
+    tagged so; with 0 (the default) the same trial runs to the end."""
+    over = {"student.backbone": "small_cnn", "student.pretrained": "none", "student.freeze_bn": True,
+            "train.lr": 10.0, "train.steps": 12, "train.eval_every": 2, "resources.launcher": "inline"}
+    full = run_trial(tiny(session_storage, **over), name="collapse-off", fresh=True)
+    history = _final_weights(full)["history"]
+    assert [r["step"] for r in history] == [2, 4, 6, 8, 10, 12] and not full.metrics.get("collapsed")
+    # the precondition: at its first evaluation this student predicts one class for >= 95% of the images
+    assert history[0]["val_top_share"] >= 0.95
+
+    stopped = run_trial(tiny(session_storage, **over, **{"train.stop_collapsed": 1}), name="collapse-on", fresh=True)
+    history = _final_weights(stopped)["history"]
+    assert [r["step"] for r in history] == [2]
+    assert stopped.metrics["collapsed"] is True and stopped.metrics["final"] is True
+    tags = mlflow.MlflowClient(mlflow_uri).get_run(stopped.mlflow_run_id).data.tags
+    assert tags["distill.collapsed"] == "true" and tags["distill.status"] == "finished"
+
+    # a pretrained student that learns is not collapsed: it runs its 12 steps with the rule on
+    fine = run_trial(tiny(session_storage, **{**over, "student.pretrained": "builtin", "student.freeze_bn": False,
+                                              "train.lr": 3e-3, "train.eval_every": 6, "train.stop_collapsed": 1}),
+                     name="collapse-fine", fresh=True)
+    assert fine.metrics["step"] == 12 and not fine.metrics.get("collapsed")

@@ -206,6 +206,46 @@ def test_conditions_on_choices_and_fixed_values(tmp_path):
         tune.make_plan(write(tmp_path, data))
 
 
+@pytest.mark.parametrize("kind", ["tpe", "random"])
+def test_the_sampler_choice_draws_what_optuna_draws_on_a_conditional_space(tmp_path, kind):
+    """search.sampler: every search of the sweep samples the conditional space with Optuna's TPE or RandomSampler
+    (seeded by search.sampler_seed): the searcher's draws, told the same values, are exactly those of a lone Optuna
+    study with that sampler, and a conditional hyperparameter appears only on its branch."""
+    import optuna
+
+    from distill.tune.searcher import SweepSearcher, without_search
+
+    plan = tune.make_plan(DEMO, [f"search.sampler={kind}", "search.sampler_seed=7"], str(tmp_path))
+    assert plan.search["sampler"] == kind
+    assert {"random": "searcher: Optuna random sampling (sampler seed 7)",
+            "tpe": "searcher: Optuna TPE (multivariate, group) (sampler seed 7)"}[kind] in tune.describe(plan)
+    value = lambda params: (hash(str(sorted(params.items()))) % 1000) / 1000   # noqa: E731
+    searcher = SweepSearcher(["photo-s0"], plan.space, 30, 7, "s", sampler=kind)
+    got = []
+    for i in range(30):   # past TPE's 10 random start-up trials
+        params = without_search(searcher.suggest(f"t{i}"))
+        searcher.on_trial_complete(f"t{i}", {tune.METRIC: value(params)})
+        got.append(params)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler = (optuna.samplers.RandomSampler(seed=7) if kind == "random" else
+                   optuna.samplers.TPESampler(seed=7, multivariate=True, group=True))
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    lone = []
+    for _ in range(30):
+        trial = study.ask()
+        plan.space(trial)
+        study.tell(trial, value(trial.params))
+        lone.append(dict(trial.params))
+    assert [{k: pytest.approx(v) if isinstance(v, float) else v for k, v in p.items()} for p in got] == lone
+    for params in got:   # method.temperature is kd's only
+        assert ("method.temperature" in params) == (params["method.name"] == "kd"), params
+    assert {p["method.name"] for p in got} == {"erm", "kd"}
+    with pytest.raises(ConfigError, match=r"search.sampler: expected one of \['tpe', 'random'\], got 'grid'"):
+        tune.make_plan(DEMO, ["search.sampler=grid"], str(tmp_path))
+
+
 def test_the_space_pickles_and_resamples_identically(tmp_path):
     plan = tune.make_plan(DEMO, storage=str(tmp_path))
     clone = pickle.loads(pickle.dumps(plan.space))
@@ -304,6 +344,7 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     assert {"test_acc/sketch", "test_acc_avg", "oracle_test_acc/sketch"} <= set(parent.data.metrics)
+    assert parent.data.params["search.sampler"] == "tpe" and parent.data.params["search.sampler_seed"] == str(seed)
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
     assert {"results/results.md", "results/results.json", "results/trials.jsonl"} <= arts
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {

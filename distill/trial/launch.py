@@ -162,7 +162,9 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
         raise TrialFailed(failure)
     _log_models(uri, run_id, result)
     tracking.set_tags(uri, run_id, {tracking.STATUS_TAG: "finished",
-                                    "distill.train_run": str(Path(train_storage) / name)})
+                                    "distill.train_run": str(Path(train_storage) / name),
+                                    **({"distill.collapsed": "true"} if (result.metrics or {}).get("collapsed")
+                                       else {})})
     t["done"] = time.time()
     result.phases = phase_breakdown(t, result.metrics or {})  # type: ignore[attr-defined]
     print(f"[distill] {name}: {format_phases(result.phases)}", flush=True)

@@ -34,6 +34,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 2
 SELECTION_METRIC = "val_acc"   # mean source-domain validation accuracy: the only metric selection may use
 BEST_METRIC = "val_acc_best"   # best selectable val_acc so far in the trial: what Optuna and ASHA see
+COLLAPSED_SHARE = 0.95   # train.stop_collapsed: "constant predictions" (the share of the most predicted class)
 SCORE_METRIC = "checkpoint_score"   # val_acc of a selectable new best, -1 otherwise: which checkpoints are kept
 
 
@@ -62,14 +63,16 @@ def amp_dtype(device, mode: str):
 
 @torch.no_grad()
 def evaluate(model, images, labels, index_sets: dict, size: int, device, rank: int = 0, world: int = 1,
-             amp=None, batch_size: int = 512) -> dict[str, tuple[float, float]]:
-    """(accuracy, mean cross-entropy) of ``model.predict`` on each named index set (centre views), split across
-    ranks and all-reduced."""
+             amp=None, batch_size: int = 512, num_classes: int | None = None) -> dict[str, tuple]:
+    """(accuracy, mean cross-entropy, predictions per class) of ``model.predict`` on each named index set (centre
+    views), split across ranks and all-reduced."""
     from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, center, normalize
 
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(index_sets), 3, dtype=torch.float64, device=device)   # correct, loss sum, count
+    num_classes = num_classes or int(labels.max()) + 1
+    predicted = torch.zeros(len(index_sets), num_classes, dtype=torch.float64, device=device)
     for row, idx in enumerate(index_sets.values()):
         for chunk in idx[rank::world].split(batch_size):
             x_u8 = images[chunk.to(images.device)].to(device, non_blocking=True)   # images on the device or host
@@ -80,17 +83,20 @@ def evaluate(model, images, labels, index_sets: dict, size: int, device, rank: i
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model.predict(x).float()
             y = labels[chunk]
-            sums[row, 0] += (logits.argmax(1) == y).sum()
+            pred = logits.argmax(1)
+            sums[row, 0] += (pred == y).sum()
+            predicted[row] += torch.bincount(pred, minlength=num_classes)[:num_classes]
             sums[row, 1] += F.cross_entropy(logits, y, reduction="sum")
             sums[row, 2] += len(chunk)
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(sums)
+        dist.all_reduce(predicted)
     model.train(was_training)
-    sums = sums.cpu()
-    return {name: ((sums[i, 0] / sums[i, 2]).item(), (sums[i, 1] / sums[i, 2]).item()) if sums[i, 2] else
-            (float("nan"), float("nan")) for i, name in enumerate(index_sets)}
+    sums, predicted = sums.cpu(), predicted.cpu()
+    return {name: ((sums[i, 0] / sums[i, 2]).item(), (sums[i, 1] / sums[i, 2]).item(), predicted[i]) if sums[i, 2]
+            else (float("nan"), float("nan"), predicted[i]) for i, name in enumerate(index_sets)}
 
 
 def _average_bn_across_ranks(model, world: int) -> None:
@@ -369,11 +375,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- evaluations
     def _scores(self, model) -> tuple[dict, float, float]:
+        """The evaluations of `model`, its source-validation accuracy and loss (means over the source domains);
+        `res["val_top_share"]`: the share of the source-validation images predicted as the most predicted class."""
         res = evaluate(model, self.images_dev, self.labels_dev, self.eval_sets, self.cfg["dataset"]["image_size"],
-                       self.device, self.rank, self.world, self.amp)
+                       self.device, self.rank, self.world, self.amp, num_classes=self.method.ctx.num_classes)
         val = {d: res[f"val/{d}"] for d in self.splits.source_domains}
-        val_acc = sum(a for a, _ in val.values()) / len(val)
-        val_loss = sum(loss for _, loss in val.values()) / len(val)
+        val_acc = sum(a for a, _, _ in val.values()) / len(val)
+        val_loss = sum(loss for _, loss, _ in val.values()) / len(val)
+        predicted = sum(counts for _, _, counts in val.values())
+        res["val_top_share"] = float(predicted.max() / predicted.sum()) if predicted.sum() else float("nan")
         return res, val_acc, val_loss
 
     def _evaluate(self, k: int, done: int, train_terms: dict, steps_per_s: float, elapsed: float) -> bool:
@@ -389,7 +399,8 @@ class Trainer:
         res, val_acc, val_loss = self._scores(evaluated)
         if avg is not None:
             avg.observe(done - 1, val_acc, val_loss, self.method)
-        stage_ends = done >= steps or (avg is not None and avg.stop)
+        collapsed = last_stage and self._collapsed(done, val_acc, res["val_top_share"])
+        stage_ends = done >= steps or (avg is not None and avg.stop) or collapsed
         if not last_stage and (self.handoff is None or val_acc > self.handoff["val_acc"]):
             self.handoff = {"state": {n: v.detach().cpu().clone() for n, v in evaluated.state_dict().items()},
                             "val_acc": val_acc, "step": step}
@@ -417,9 +428,11 @@ class Trainer:
             **{f"val_acc/{d}": res[f"val/{d}"][0] for d in self.splits.source_domains}, "val_loss": val_loss,
             "test_acc": res["test_in"][0], "test_out_acc": res["test_out"][0], **train_terms,
             "steps_per_s": steps_per_s, "stage": name, "eval_model": eval_model, "selectable": selectable,
-            "final": bool(last_stage and stage_ends), "total_steps": self.total,
+            "final": bool(last_stage and stage_ends), "total_steps": self.total, "val_top_share": res["val_top_share"],
             SCORE_METRIC: val_acc if new_best else -1.0,
         }
+        if collapsed:
+            metrics["collapsed"] = True
         if "lodo_in" in res:
             metrics["lodo_acc"] = res["lodo_in"][0]
         if raw_val is not None:
@@ -453,6 +466,30 @@ class Trainer:
                         "time/reported": time.time()})
         self._report(metrics, state)
         return stage_ends
+
+    def _collapsed(self, done: int, val_acc: float, top_share: float) -> bool:
+        """train.stop_collapsed = N: after the last stage's N-th evaluation round, a trial has collapsed (a diverged
+        or degenerate student) when its best source-validation accuracy in that stage is at most 1.5 x chance, or
+        when at every evaluation of the stage so far it predicted one class for at least 95% of the source-validation
+        images (constant predictions score the share of that class, above chance on an unbalanced split). It stops
+        there instead of spending the rest of its budget. The stage's earlier evaluations come from the history (a
+        resumed trial decides the same); every rank decides the same (the counts are all-reduced)."""
+        n = self.cfg["train"]["stop_collapsed"]
+        rounds = done // self.cfg["train"]["eval_every"]
+        if not n or rounds < n:
+            return False
+        stage = self.stages[-1][0]
+        earlier = [h for h in self.history if h.get("stage") == stage]
+        best = max([h[SELECTION_METRIC] for h in earlier] + [val_acc])
+        constant = all(share >= COLLAPSED_SHARE for share in [h.get("val_top_share", 0.0) for h in earlier]
+                       + [top_share])
+        collapsed = best <= 1.5 / self.method.ctx.num_classes or constant
+        if collapsed and self.rank == 0:
+            why = (f"one class predicted for >= {COLLAPSED_SHARE:.0%} of the source-validation images" if constant
+                   else f"source-val accuracy at most {best:.3f} (<= 1.5 x chance)")
+            print(f"[{self.label}] collapsed: {why} after {rounds} evaluation rounds; the trial stops here "
+                  f"(train.stop_collapsed)", flush=True)
+        return collapsed
 
     def _report(self, metrics: dict, state: dict | None) -> None:
         if self.assets.get("report_log"):   # every rank's reports, for the tests that compare ranks

@@ -161,7 +161,7 @@ def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool
             shutil.rmtree(exp_path)  # a sweep killed before Tune saved any state: start it again
         (sweep_dir / ROWS_FILE).unlink(missing_ok=True)  # rows of trials of an attempt that can no longer resume
         searcher = SweepSearcher(list(names), plan.space, plan.search["num_samples"], plan.search["sampler_seed"],
-                                 plan.name, export_db=str(sweep_dir / "optuna.db"))
+                                 plan.name, export_db=str(sweep_dir / "optuna.db"), sampler=plan.search["sampler"])
         scheduler = None
         if plan.search["scheduler"] == "asha":
             scheduler = PerSearchScheduler(list(names), AshaFactory(plan))

@@ -14,12 +14,14 @@ from ..config import (DEFAULTS, TYPES, ConfigError, build_config, config_hash, g
 from .space import METRIC, MODE, SearchSpace, _is_number, _known_hparams, parse_space
 
 SCHEDULERS = ("none", "asha")
+SAMPLERS = ("tpe", "random")
 SEARCH_DEFAULTS: dict[str, Any] = {
     "num_samples": 1,  # trials per (held-out domain, seed)
     "max_concurrent": None,  # None: as many as the cluster's CPUs/GPUs hold
     "start_ahead": None,  # trials started before a slot frees; None: one per slot (<= 8) for GPU trials, 0 for CPU
     "scheduler": "none",  # none | asha
     "asha": {"grace_period": 1, "reduction_factor": 2},  # in evaluation rounds (train.eval_every steps)
+    "sampler": "tpe",  # tpe (Optuna's TPE, multivariate) | random (Optuna's RandomSampler: DomainBed's protocol)
     "sampler_seed": None,  # None: the config's `seed`
     "max_failures": 1,  # Tune-level retries of a failed trial (it resumes from its last Train checkpoint)
     "lodo": False,  # also train each trial's leave-one-domain-out models (DomainBed's LODO selection; x sources)
@@ -29,6 +31,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
 # none either and whose workers get their own placement group); Tune refuses an all-zero request, so the trial asks
 # for a token of memory. Concurrency is then limited by max_concurrent_trials, computed from the cluster.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 1024 ** 2}
+SAMPLER_NAMES = {"tpe": "TPE (multivariate, group)", "random": "random sampling"}
 ROWS_FILE = "trials.jsonl"
 SWEEP_FILE = "sweep.json"
 PLAN_FILE = "plan.json"
@@ -154,6 +157,7 @@ def _search_section(raw: Any, problems: list[str]) -> dict:
     if search["scheduler"] is None:
         search["scheduler"] = "none"
     check("scheduler", lambda v: v in SCHEDULERS, f"one of {list(SCHEDULERS)}")
+    check("sampler", lambda v: v in SAMPLERS, f"one of {list(SAMPLERS)}")
     asha = search["asha"]
     if asha is None:
         search["asha"] = dict(SEARCH_DEFAULTS["asha"])
@@ -363,7 +367,7 @@ def describe(plan: Plan, concurrency: str | None = None) -> str:
         + (f"= {plan.resources()}, run in the trial function (launcher inline)"
            if res["launcher"] == "inline" else f"= {plan.resources()} + the trial function {TRIAL_RESOURCES}"),
         f"  concurrency: {concurrency or (search['max_concurrent'] or 'as many trials as the cluster holds')}",
-        f"  searcher: Optuna TPE (multivariate, group; sampler seed {search['sampler_seed']}) maximising "
+        f"  searcher: Optuna {SAMPLER_NAMES[search['sampler']]} (sampler seed {search['sampler_seed']}) maximising "
         f"{METRIC} (source-domain validation only); scheduler: {sched}; trial retries: {search['max_failures']}",
         "  space:",
         *[f"    {line}" for line in plan.space.describe()],

@@ -27,12 +27,27 @@ def without_search(config: dict) -> dict:
     return {k: v for k, v in (config or {}).items() if k not in (SEARCH_KEY, INDEX_KEY)}
 
 
+def make_sampler(kind: str, seed: int):
+    """search.sampler: `tpe`, Optuna's TPE (multivariate, grouped by the conditional space's branches), or `random`,
+    Optuna's RandomSampler (DomainBed's random search); each search's own sampler, seeded with search.sampler_seed."""
+    import warnings
+
+    import optuna
+
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind != "tpe":
+        raise ValueError(f"search.sampler: unknown sampler {kind!r}; one of ['tpe', 'random']")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # multivariate and group
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+
+
 class SweepSearcher(Searcher):
     """One OptunaSearch per search; each suggestion goes to the search with the fewest trials (ties: plan order)."""
 
     def __init__(self, searches: list[str], space, num_samples: int, sampler_seed: int, sweep: str,
-                 export_db: str | None = None):
-        import optuna
+                 export_db: str | None = None, sampler: str = "tpe"):
         from ray.tune.search.optuna import OptunaSearch
 
         super().__init__(metric=METRIC, mode=MODE)
@@ -41,8 +56,7 @@ class SweepSearcher(Searcher):
         self.studies = {name: f"{sweep}:{name}" for name in searches}
         # metric/mode on each searcher too: with a define-by-run space OptunaSearch ignores TuneConfig's
         self.subs = {name: OptunaSearch(space=space, metric=METRIC, mode=MODE, study_name=self.studies[name],
-                                        sampler=optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True,
-                                                                           group=True))
+                                        sampler=make_sampler(sampler, sampler_seed))
                      for name in searches}
         self.count = {name: 0 for name in searches}
         self.owner: dict[str, str] = {}

@@ -211,8 +211,8 @@ class TrialLog(Callback):
             return
         done = last.get("final") or (step is not None and step >= last.get("total_steps", self.steps))
         self._reconcile(trial)
-        append_jsonl(self.path, {"event": "end", **self._common(trial), "status": "completed" if done else
-                                 "early_stopped", "step": step})
+        status = "collapsed" if last.get("collapsed") else "completed" if done else "early_stopped"
+        append_jsonl(self.path, {"event": "end", **self._common(trial), "status": status, "step": step})
         print(self.progress(), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -267,7 +267,7 @@ class TrialLog(Callback):
 
 ROW_FIELDS = ("step", "val_acc", METRIC, "test_acc", "test_out_acc", "val_loss", "loss", "checkpoint_path",
               "training_iteration", "time_total_s", "timestamp", "stage", "eval_model", "selectable", "final",
-              "total_steps", "raw_val_acc")
+              "total_steps", "raw_val_acc", "collapsed", "val_top_share")
 
 
 TUNE_FIELDS = ("training_iteration", "timestamp", "time_total_s", "checkpoint_path", "trial_index")
