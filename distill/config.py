@@ -17,17 +17,17 @@ from typing import Any
 import yaml
 
 DEFAULTS: dict[str, Any] = {
-    "name": "distill",
-    "storage": "./distill_runs",
-    "seed": 0,
+    "name": "distill",  # the run or sweep name: MLflow experiment, sweep directory, registered models
+    "storage": "./distill_runs",  # data, caches, runs and the MLflow sqlite store (a shared mount on a cluster)
+    "seed": 0,  # data split, initialisation and batch order (a sweep: each of `seeds`)
     "test_domains": None,  # list of domain folder names; None = every domain of the dataset
     "dataset": {
-        "name": "synth",
+        "name": "synth",  # synth (the built-in world), a DomainBed dataset (PACS, VLCS, OfficeHome, ...) or folder
         "root": None,  # synth: <storage>/data/synth when not given (generated on first use)
-        "holdout_fraction": 0.2,
+        "holdout_fraction": 0.2,  # each domain's in-domain validation share (DomainBed's 80/20 split)
         "image_size": 32,  # student input resolution
         "store_size": None,  # decoded images kept in memory at this size (default: image_size * 8/7, >= image_size)
-        "skip_unreadable": False,
+        "skip_unreadable": False,  # false: an unreadable image is an error before anything starts
         "world": {"seed": 0, "per_class": 100, "size": 32},  # the built-in world's generator settings
     },
     "teacher": {
@@ -41,21 +41,21 @@ DEFAULTS: dict[str, Any] = {
         "views": 0,  # K > 0: the driver caches the teacher's embeddings of K augmented views per image (black-box)
     },
     "student": {
-        "backbone": "resnet18",
+        "backbone": "resnet18",  # small_cnn | resnet18/34/50 | mobilenet_v3_small/large | efficientnet_b0 (torchvision)
         "pretrained": "none",  # none | imagenet (torchvision; internet or a warm hub cache) | builtin (photo corpus)
-        "freeze_bn": False,
+        "freeze_bn": False,  # BatchNorm always in eval mode (DomainBed's ResNet; SCMD, VL2V)
     },
-    "method": {"name": "erm"},
+    "method": {"name": "erm"},  # a method of the registry; its hyperparameters: method.<key>
     "train": {
-        "steps": 300,
+        "steps": 300,  # optimiser steps (per stage, for staged methods)
         "batch_size": 32,  # per source domain (DomainBed)
         "optimizer": "adam",  # adam | adamw | sgd
-        "lr": 1e-3,
-        "weight_decay": 0.0,
+        "lr": 1e-3,  # learning rate
+        "weight_decay": 0.0,  # L2 penalty (decoupled with adamw)
         "momentum": 0.9,  # sgd only
         "lr_schedule": "constant",  # constant | cosine | step (x0.1 at 80%)
-        "eval_every": 50,
-        "augment": True,
+        "eval_every": 50,  # steps between evaluations (each one a selectable checkpoint)
+        "augment": True,  # DomainBed's training augmentation (random resized crop, flip, colour jitter, grayscale)
         "amp": "auto",  # auto (bf16 on GPU) | bf16 | off
         "grad_clip": None,
         "num_checkpoints": 2,  # kept per trial: the latest, and the best by source validation (first of equal scores)

@@ -45,8 +45,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from .report_render import (CLI_SELECTIONS, GAP_TITLE, LATEX_NAMES, LODO_RULE, NO_LODO,  # noqa: F401
-                             SELECTED_TITLES, SELECTION_FIELDS, TITLES, latex_table, lodo_note, render_csv,
+from .report_render import (CLI_SELECTIONS, GAP_TITLE, LATEX_NAMES, NO_LODO,  # noqa: F401
+                             SELECTED_TITLES, SELECTION_FIELDS, latex_table, lodo_note, render_csv,
                              render_latex, render_markdown, render_selections_csv, render_text, table_fields,
                              teacher_note, tex)
 from .selection import (ERRORS, LODO_DIR, LODO_EVENT, LODO_METRIC, ORACLE_METRIC, REPORTED,  # noqa: F401

@@ -11,22 +11,11 @@ from typing import Any
 from .selection import ERRORS, LODO_METRIC, SELECTIONS
 
 CLI_SELECTIONS = {"val": "validation", "lodo": "lodo", "oracle": "oracle"}  # --selection -> key of SELECTIONS
-TITLES = {
-    "validation": "Training-domain validation: the (trial, step) with the best source-domain validation accuracy "
-                  "(DomainBed's training-domain validation)",
-    "lodo": "Leave-one-domain-out validation: the (trial, step) with the best mean accuracy on each source domain "
-            "when that domain is also held out of training (DomainBed's leave-one-domain-out validation)",
-    "oracle": "ORACLE, selected on the test domain (each trial's last evaluation; the trial whose last evaluation is "
-              "the most accurate on the test domain's held-out 20%, DomainBed's test-domain validation): not a valid "
-              "model selection, shown to expose the selection gap",
-}
 LATEX_NAMES = {"validation": "training-domain validation set", "lodo": "leave-one-domain-out cross-validation",
                "oracle": "test-domain validation set (oracle)"}   # DomainBed's names of its selection methods
 NO_LODO = "no leave-one-domain-out runs (`search.lodo: true` produces them)"
-LODO_RULE = ("Candidates: the (trial, step)s with a leave-one-domain-out run for every source domain; a cell without "
-             "any is empty.")
-GAP_TITLE = ("Selection gap: oracle minus training-domain validation, percentage points (the mean over seeds of the "
-             "oracle's pick minus that of training-domain validation; positive: validation missed a better model)")
+GAP_TITLE = ("Selection gap: oracle minus training-domain validation, percentage points (the mean over seeds; "
+             "positive: validation missed a better model)")
 
 
 # ----------------------------------------------------------------------------------------------------- markdown
@@ -80,15 +69,6 @@ def _gap_table(results: dict) -> list[str]:
         lines.append(f"| {g['method']} | " + " | ".join(pp(g["domains"].get(d)) for d in domains)
                      + f" | {pp(g['avg'])} |")
     return lines
-
-
-def paired_title(results: dict) -> str:
-    paired = results["paired"]
-    return (f"Paired against {paired['baseline']} ({TITLES[paired['selection']].split(':')[0].lower()}): each "
-            f"method's selected model minus {paired['baseline']}'s on the same held-out domain and seed, percentage "
-            f"points; Avg ± {results.get('error_name', 'standard error')} over seeds of the per-seed Avg "
-            f"differences; wins / losses of the (held-out domain, seed) pairs; source val: the mean source-domain "
-            f"validation accuracy of the selected models (%)")
 
 
 def _paired_table(results: dict) -> list[str]:
@@ -156,31 +136,68 @@ def lodo_note(results: dict) -> str | None:
             f"{'its' if len(without) == 1 else 'their'} leave-one-domain-out cells are empty.")
 
 
-def render_text(results: dict, selection: str | None = None) -> str:
-    """The three tables as markdown, `selection` (default: the results' main selection, else validation) first,
-    each with the teacher's zero-shot row when the sweep has a teacher.json, then the selection gap."""
+DOCS = "docs/selection.md"   # the docs site's page on model selection (in the repository; `mkdocs serve` shows it)
+ANCHORS = {"validation": "training-domain-validation", "lodo": "leave-one-domain-out", "oracle": "test-domain-oracle",
+           "paired": "paired-comparison"}
+HEADS = {"validation": "Training-domain validation",
+         "lodo": "Leave-one-domain-out validation",
+         "oracle": "Test-domain oracle (not a model selection)"}
+RULES = {"validation": "the (trial, step) with the best source-domain validation accuracy.",
+         "lodo": "the (trial, step) whose leave-one-domain-out models (each source domain also held out of training) "
+                 "are the most accurate on the held-out source, on average.",
+         "oracle": "each trial's last evaluation, the most accurate on the held-out domain's 20%: it shows how much a "
+                   "valid selection leaves on the table."}
+
+
+def _doc(key: str) -> str:
+    return f"(`{DOCS}#{ANCHORS[key]}`)"
+
+
+def _all_empty(results: dict, selection: str) -> bool:
+    return all(row["avg"]["mean"] is None and not row["domains"] for row in results["table"][selection])
+
+
+def _counts_line(results: dict) -> str:
     counts = results["counts"]
-    out = [f"## {', '.join(results['sweeps'])}: test-domain accuracy (%), leave-one-domain-out", "",
-           f"{counts['trials']} trials, {counts['rows']} evaluation rows"
-           + (f", {counts['lodo_rows']} leave-one-domain-out rows" if counts.get("lodo_rows") else "")
-           + (f", {counts['early_stopped']} stopped early (ASHA)" if counts.get("early_stopped") else "")
-           + (f", {counts['collapsed']} collapsed (stopped at chance: "
-              + ", ".join(f"{m} {c['collapsed']}/{c['trials']}" for m, c in results.get("ends_by_method", {}).items()
-                          if c["collapsed"]) + ")" if counts.get("collapsed") else "")
-           + (f", {counts['failed']} failed" if counts.get("failed") else "")
-           + f"; {_error_phrase(results)}."]
-    if teacher_note(results):
-        out += ["", teacher_note(results)]
-    for i, sel in enumerate(_order(results, selection)):
-        out += ["", f"**{'Main table. ' if i == 0 else ''}{TITLES[sel]}**",
-                f"Test-domain accuracy (%), {_error_phrase(results)}.", ""]
-        if sel == "lodo":
-            out += [LODO_RULE + (f" {lodo_note(results)}" if lodo_note(results) else ""), ""]
+    collapsed = ", ".join(f"{m} {c['collapsed']}/{c['trials']}" for m, c in results.get("ends_by_method", {}).items()
+                          if c["collapsed"])
+    return (f"{counts['trials']} trials, {counts['rows']} evaluation rows"
+            + (f", {counts['lodo_rows']} leave-one-domain-out rows" if counts.get("lodo_rows") else "")
+            + (f", {counts['early_stopped']} stopped early (ASHA)" if counts.get("early_stopped") else "")
+            + (f", {counts['collapsed']} collapsed (stopped at chance: {collapsed})" if counts.get("collapsed")
+               else "")
+            + (f", {counts['failed']} failed" if counts.get("failed") else "") + ".")
+
+
+def render_text(results: dict, selection: str | None = None) -> str:
+    """The tables as markdown, the main one first: `selection` (default: the results' main selection, else
+    training-domain validation) with the paired comparison under it, then the other selections and the selection
+    gap. Each selection says its rule in one line, with the docs page that explains it; a table whose every cell is
+    empty (no leave-one-domain-out runs) is left out, and one line says why and how to get it."""
+    order = _order(results, selection)
+    out = [f"## {', '.join(results['sweeps'])}: test-domain accuracy (%)", "",
+           f"Cells: {_error_phrase(results)}. {_counts_line(results)}"]
+    for i, sel in enumerate(order):
+        if _all_empty(results, sel):
+            why = ("no leave-one-domain-out runs in this sweep: `search.lodo: true` trains the models it needs"
+                   if sel == "lodo" and lodo_note(results) else "no model could be selected")
+            out += ["", f"**{HEADS[sel]}**: no table ({why}) {_doc(sel)}."]
+            continue
+        out += ["", f"**{HEADS[sel]}**{' (the main table)' if i == 0 else ''}: {RULES[sel]} {_doc(sel)}", ""]
+        if sel == "lodo" and lodo_note(results):
+            out += [lodo_note(results), ""]
         out += _md_table(results, sel)
         if i == 0 and results.get("paired"):
-            out += ["", f"**{paired_title(results)}**", ""] + _paired_table(results)
-    if results.get("gap"):
+            base = results["paired"]["baseline"]
+            out += ["", f"**Paired against {base}**: each method's selected model minus {base}'s on the same held-out "
+                        f"domain and seed (percentage points); Avg ± {results.get('error_name', 'standard error')} "
+                        f"over seeds; wins / losses of the (domain, seed) pairs; source val: the selected models' mean "
+                        f"source-domain validation (%). {_doc('paired')}", ""] + _paired_table(results)
+    if results.get("gap") and any(g["avg"] is not None or any(v is not None for v in g["domains"].values())
+                                  for g in results["gap"]):
         out += ["", f"**{GAP_TITLE}**", ""] + _gap_table(results)
+    if teacher_note(results):
+        out += ["", teacher_note(results)]
     return "\n".join(out)
 
 

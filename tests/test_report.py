@@ -143,7 +143,7 @@ def test_write_files_and_cli_puts_sweeps_side_by_side(tmp_path, capsys):
     assert report.main([str(tmp_path / "sw-erm"), str(tmp_path / "sw-kd"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| erm | 50.0 | 50.0 | 50.0 |" in printed and "| kd | 70.0 | 70.0 | 70.0 |" in printed
-    assert "ORACLE" in printed and "| kd (oracle) |" in printed
+    assert "Test-domain oracle" in printed and "| kd (oracle) |" in printed
     md = (out / "results.md").read_text()
     assert "FloatingPointError" in md and "1 failed" in md
     with open(out / "selections.csv") as f:
@@ -215,7 +215,7 @@ def test_standard_error_and_std_over_three_seeds():
         assert results["error"] == error
         printed = report.render_text(results)
         assert f"| erm | {text} |" in printed
-        assert printed.count(f"mean ± {'standard error' if error == 'se' else 'std'} over 3 seeds") >= 3  # each table
+        assert printed.count(f"mean ± {'standard error' if error == 'se' else 'std'} over 3 seeds") == 1   # said once
     single = report.build([sweep([row(0, 5, 0.9, 0.5)])])
     c = cell(single, "validation", "erm", "photo")
     assert (c["std"], c["se"], c["err"], c["n"]) == (None, None, None, 1)
@@ -322,8 +322,10 @@ def test_no_lodo_rows_gives_empty_cells_and_a_note():
     assert r["domains"] == {} and r["avg"]["mean"] is None and results["selected"]["lodo"] == []
     assert results["lodo_rows"] == {"sw": 0}
     text = report.render_text(results)
-    lodo_part = text[text.index("Leave-one-domain-out validation"):text.index("ORACLE")]
-    assert "| erm | – | – | – |" in lodo_part and "no leave-one-domain-out runs" in lodo_part
+    # the all-empty table is not printed: one line says why and how to get it
+    assert "| erm | – | – | – |" not in text
+    assert "**Leave-one-domain-out validation**: no table (no leave-one-domain-out runs in this sweep: `search.lodo: " \
+           "true` trains the models it needs) (`docs/selection.md#leave-one-domain-out`)." in text
     md = report.render_markdown(results)
     assert "The sweep has no leave-one-domain-out runs (`search.lodo: true` produces them)" in md
     assert "| erm | 50.0 | 60.0 | 55.0 |" in md  # the validation table is unaffected
@@ -372,7 +374,10 @@ def test_cli_selection_and_error_flags_change_what_is_printed_and_files_hold_all
     assert report.main([str(tmp_path / "sw")]) == 0
     printed = capsys.readouterr().out
     assert _first_row(printed) == "| erm | 45.0 ± 5.0 | 45.0 ± 5.0 |"
-    assert "**Main table. Training-domain validation" in printed
+    assert printed.index("**Training-domain validation** (the main table): the (trial, step) with the best " \
+                         "source-domain validation accuracy. (`docs/selection.md#training-domain-validation`)") \
+        < printed.index("**Paired against erm**") < printed.index("**Leave-one-domain-out validation**") \
+        < printed.index("**Test-domain oracle")
     assert "mean ± standard error over 2 seeds" in printed and "mean ± std over" not in printed
     assert "| erm | 70.0 ± 10.0 | 70.0 ± 10.0 |" in printed
     assert "| erm (oracle) | 95.0 ± 0.0 | 95.0 ± 0.0 |" in printed
@@ -381,14 +386,14 @@ def test_cli_selection_and_error_flags_change_what_is_printed_and_files_hold_all
     assert report.main([str(tmp_path / "sw"), "--selection", "lodo", "--error", "std", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert _first_row(printed) == "| erm | 70.0 ± 14.1 | 70.0 ± 14.1 |"
-    assert "**Main table. Leave-one-domain-out validation" in printed
+    assert "**Leave-one-domain-out validation** (the main table)" in printed
     assert printed.index("Leave-one-domain-out validation") < printed.index("Training-domain validation") \
-        < printed.index("ORACLE")
+        < printed.index("Test-domain oracle")
     assert "mean ± std over 2 seeds" in printed and "standard error" not in printed
     assert "| erm | 45.0 ± 7.1 | 45.0 ± 7.1 |" in printed
 
     md = (out / "results.md").read_text()
-    for title in ("Training-domain validation", "Leave-one-domain-out validation", "ORACLE"):
+    for title in ("Training-domain validation", "Leave-one-domain-out validation", "Test-domain oracle"):
         assert f"{title}" in md
     assert md.count("### Selected (trial, step)") == 3
     # trial 1's lodo_acc: 0.3 + 0.4 = 0.7 on both source domains
@@ -547,7 +552,7 @@ def test_teacher_row_and_chance_in_markdown_json_latex_and_accuracy_plot(tmp_pat
     assert report.main([str(d), "--out", str(out)]) == 0
     md = (out / "results.md").read_text()
     # its mean over the table's test domains (photo, sketch; art is not one): (0.80 + 0.60) / 2 = 0.70
-    assert md.count("| teacher (zero-shot) | 80.0 | 60.0 | 70.0 |") == 3   # in each selection's table
+    assert md.count("| teacher (zero-shot) | 80.0 | 60.0 | 70.0 |") == 2   # in each printed table (no LODO runs)
     assert "Teacher (zero-shot): `clip-vit-b16`, prompts: a {style} of a {class}; chance level 20.0% (1/5 classes)." \
         in md
     data = json.loads((out / "results.json").read_text())

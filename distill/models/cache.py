@@ -15,15 +15,15 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import time
-
 import torch
 import torch.nn.functional as F
 
+from ..console import say
 from ..data.images import save_atomic
 from .prompts import as_prompt_set
 
@@ -102,7 +102,7 @@ def _load(path: Path):
 
 def teacher_outputs(teacher_spec: dict, images, prompt_sets: dict, storage: str | os.PathLike,
                     need_images: bool, device: str = "cpu", batch_size: int = 256,
-                    log_fn: Callable[[str], None] | None = print, teacher_id_: str | None = None,
+                    log_fn: Callable[[str], None] | None = say, teacher_id_: str | None = None,
                     allow_load: bool = True, views: int = 0, view_size: int | None = None) -> TeacherOutputs:
     """Text embeddings of every prompt set (rows, or a ``PromptSet`` with its ensemble rule), the teacher's logit
     scale, per-image embeddings when ``need_images``, and ``views`` augmented views per image rendered at

@@ -140,7 +140,7 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
     t["tracked"] = time.time()
     res = cfg["resources"]
     config = {"cfg": cfg, "assets": assets, "mlflow": {"uri": uri, "run_id": run_id}, "name": name,
-              "verbose": verbose}
+              "verbose": verbose, "quiet": tune}   # quiet: a sweep's trial prints its steps with --verbose only
     t["fit"] = time.time()
     try:
         if res["launcher"] == "inline":
@@ -167,7 +167,8 @@ def run_trial(cfg: dict, *, tune: bool = False, parent_run_id: str | None = None
                                        else {})})
     t["done"] = time.time()
     result.phases = phase_breakdown(t, result.metrics or {})  # type: ignore[attr-defined]
-    print(f"[distill] {name}: {format_phases(result.phases)}", flush=True)
+    if verbose or not tune:
+        print(f"[distill] {name}: {format_phases(result.phases)}", flush=True)
     tracking.log_metrics(uri, run_id, {f"phase/{k}": v for k, v in result.phases.items()}, 0)
     tracking.end_run(uri, run_id, "FINISHED")
     result.mlflow_run_id = run_id  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import tracking
+from ..console import set_verbose
 from . import session
 from .averaging import make_averager
 from .feed import Feeder, teacher_view
@@ -123,6 +124,7 @@ def train_loop(config: dict) -> None:
     """Ray Train's per-worker function (or the inline run's). ``config``: {"cfg": trial config, "assets":
     prepare(), "mlflow": {...}}."""
     entered = time.time()
+    set_verbose(bool(config.get("verbose")))
     if not config.get("verbose"):   # Train's per-report and per-checkpoint lines: with --verbose only
         import logging
 
@@ -183,6 +185,9 @@ class Trainer:
 
         self.cfg, self.assets, self.ml = config["cfg"], config["assets"], config.get("mlflow") or {}
         self.label = f"distill {config['name']}" if config.get("name") else "distill"   # whose line it is
+        # per-evaluation lines: a single trial's progress; in a sweep (its console says one line per finished
+        # trial) only with --verbose
+        self.progress = bool(config.get("verbose") or not config.get("quiet"))
         cfg, tc = self.cfg, self.cfg["train"]
         self.rank, self.world = session.world()
         self.device = session.device(cfg)
@@ -444,7 +449,7 @@ class Trainer:
         if step > self.logged_until:
             self._log({key: v for key, v in metrics.items() if key != "step"}, step, name)
         state = None
-        if self.rank == 0:
+        if self.rank == 0 and self.progress:
             stage_text = f" [{name}]" if len(self.stages) > 1 else ""
             print(f"[{self.label}] step {step}/{self.total}{stage_text}: loss {train_terms.get('loss', float('nan')):.4f}  "
                   f"val_acc {val_acc:.3f}  test_acc {metrics['test_acc']:.3f}  [{eval_model}]  "

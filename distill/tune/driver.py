@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 from .. import tracking
+from ..console import say, set_verbose
 from ..config import ConfigError, config_hash
 from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, Plan, _join, describe, search_name, trial_cfg
 from .runs import _parent_run, finish, reconcile_runs
@@ -108,10 +109,11 @@ def warm_caches(plan: Plan) -> None:
                 continue
             seen.add(key)
             t0 = time.time()
-            print(f"[distill.tune] preparing {test_domain} / {cfg['method']['name']} "
-                  f"{ {k: v for k, v in params.items() if k != 'method.name'} or ''}".rstrip(), flush=True)
+            what = f"{test_domain} / {cfg['method']['name']} " \
+                   f"{ {k: v for k, v in params.items() if k != 'method.name'} or ''}".rstrip()
+            say(f"[distill.tune] preparing {what}")
             prepare(cfg)
-            print(f"[distill.tune]   ready in {time.time() - t0:.1f}s", flush=True)
+            print(f"[distill.tune] prepared {what} in {time.time() - t0:.1f}s", flush=True)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -144,6 +146,9 @@ def run_searches(plan: Plan, parent_run_id: str, n_concurrent: int, resume: bool
     {search name: summary}."""
     from ray import tune
 
+    # Tune's new output engine prints its "Configuration for experiment" box whatever the verbosity; the legacy one
+    # at verbose=0 prints nothing (the sweep prints its own plan and progress lines)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
     exp_path = _join(plan.tune_root, EXPERIMENT)
     sweep_dir = plan.sweep_dir
     names = {search_name(d, s): (d, s) for d, s in plan.searches()}
@@ -254,6 +259,10 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: bool = False) -> dict:
         raise ConfigError([f"--resume: {sweep_dir} was started from a different config ({state.get('source')} "
                            f"{state.get('overrides') or ''}); resume with the same file and --set values "
                            f"(only search.max_concurrent and search.start_ahead may differ)"])
+    set_verbose(verbose)   # before Ray starts: its worker processes inherit DISTILL_VERBOSE
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     ensure_ray()
     _give_trials_the_ray_address()
     running, why = concurrency(plan)

@@ -12,6 +12,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from .. import tracking
+from ..console import set_verbose
 from .plan import search_name, train_run_name, trial_cfg
 from .runs import find_run
 from ..trial.loop import FAILED
@@ -42,6 +43,7 @@ class SweepTrial:
 
         # Ray started before MLFLOW_TRACKING_URI was set in the driver would not pass it on: set it here
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        set_verbose(self.verbose)
         trial_id = tune.get_context().get_trial_id()
         test_domain, seed = self.searches[config[SEARCH_KEY]]
         params = without_search(config)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ...console import say
+
 WEIGHTS_DIR = Path(__file__).resolve().parent
 
 
@@ -72,8 +74,8 @@ def ensure_file(path: Path, produce, reusing: str | None = None, log=print) -> P
     """``path`` when it exists (logging ``reusing``), else ``produce()`` (which writes it) under ``path.lock``,
     re-checked inside the lock: concurrent drivers produce a cached model once."""
     if path.is_file():
-        if log and reusing:
-            log(reusing)
+        if log and reusing:   # the default (print) is quiet unless verbose: reusing a cache is not news
+            (say if log is print else log)(reusing)
         return path
     with file_lock(path.with_name(path.name + ".lock")):
         if not path.is_file():
