@@ -449,11 +449,13 @@ class Trainer:
         if step > self.logged_until:
             self._log({key: v for key, v in metrics.items() if key != "step"}, step, name)
         state = None
-        if self.rank == 0 and self.progress:
-            stage_text = f" [{name}]" if len(self.stages) > 1 else ""
-            print(f"[{self.label}] step {step}/{self.total}{stage_text}: loss {train_terms.get('loss', float('nan')):.4f}  "
-                  f"val_acc {val_acc:.3f}  test_acc {metrics['test_acc']:.3f}  [{eval_model}]  "
-                  f"({steps_per_s:.2f} steps/s, {elapsed:.0f}s)", flush=True)
+        if self.rank == 0:
+            if self.progress:
+                stage_text = f" [{name}]" if len(self.stages) > 1 else ""
+                print(f"[{self.label}] step {step}/{self.total}{stage_text}: loss "
+                      f"{train_terms.get('loss', float('nan')):.4f}  val_acc {val_acc:.3f}  test_acc "
+                      f"{metrics['test_acc']:.3f}  [{eval_model}]  ({steps_per_s:.2f} steps/s, {elapsed:.0f}s)",
+                      flush=True)
             train_state = self.method.state_dict()
             state = {"version": CHECKPOINT_VERSION, "model": evaluated.state_dict(), "stage": k, "stage_step": done,
                      "stage_stopped": bool(stage_ends and done < steps), "step": step,
