@@ -3,6 +3,7 @@
     distill tune    --space search_spaces/demo.yaml            a sweep (Ray Tune + Optuna over Ray Train trials)
     distill train   --config search_spaces/demo.yaml           one trial
     distill report  distill_runs/demo                          the DomainBed tables and plots of sweeps
+    distill ui      distill_runs                               the MLflow UI, opened on each sweep's answer
     distill teacher fit --data distill_runs/data/synth         fit or measure a CLIP teacher
     distill student pretrain --backbone small_cnn              pretrain a student on the built-in photo corpus
     distill data    info distill_runs/data/synth               a dataset's domains, classes and counts
@@ -20,6 +21,7 @@ COMMANDS = {
     "tune": ("distill.tune.cli", "run a hyperparameter sweep: Ray Tune + Optuna over Ray Train trials"),
     "train": ("distill.train", "run one trial (one held-out domain, one seed) on Ray Train"),
     "report": ("distill.report", "select models and build the DomainBed tables and plots of sweeps"),
+    "ui": ("distill.ui", "serve a sweep's MLflow store on 127.0.0.1 and print the link to its selected models"),
     "teacher": ("distill.teacher", "fit a CLIP-architecture teacher, or measure a teacher's zero-shot accuracy"),
     "student": ("distill.student", "pretrain a student backbone on the built-in photo corpus"),
     "data": ("distill.data.__main__", "draw the built-in world, or list a dataset's domains, classes and counts"),

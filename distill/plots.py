@@ -263,3 +263,45 @@ def make_all(results: dict, rows: list[dict], out_dir: str | Path) -> list[Path]
     else:
         made.append(drawn)
     return made
+
+
+SEARCH_FIGURES = {"history": "plot_optimization_history", "importances": "plot_param_importances",
+                  "parallel": "plot_parallel_coordinate"}
+
+
+def search_figures(optuna_db: str | Path, out_dir: str | Path) -> tuple[list[Path], list[str]]:
+    """Each search's Optuna figures (matplotlib, no browser needed) from the sweep's `optuna.db`: optimisation
+    history, hyperparameter importances and parallel coordinates, as `<out_dir>/<search>/<figure>.png`. Returns the
+    files made and a note per figure that the study cannot give (importances need two finished trials that differ
+    in a searched value; a search of one trial has no history to speak of)."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    from .tracking import sqlite_uri
+
+    plt = _plt()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    made, skipped = [], []
+    storage = sqlite_uri(optuna_db)
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        search = summary.study_name.split(":", 1)[-1]
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        for name, fn in SEARCH_FIGURES.items():
+            if len(finished) < 2 or (name != "history" and not any(t.params for t in finished)):
+                skipped.append(f"{search}/{name}: {len(finished)} finished trial(s)")
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")   # the matplotlib backend is "experimental"
+                    ax = getattr(ovm, fn)(study)
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                fig.set_size_inches(8, 5)
+                (Path(out_dir) / search).mkdir(parents=True, exist_ok=True)
+                made.append(_save(fig, Path(out_dir) / search / f"{name}.png"))
+            except Exception as exc:  # noqa: BLE001 - e.g. importances of values that never vary
+                plt.close("all")
+                skipped.append(f"{search}/{name}: {type(exc).__name__}: {exc}")
+    return made, skipped

@@ -364,7 +364,34 @@ def main(argv: list[str] | None = None, prog: str = "python -m distill.report") 
         write(results, args.out)
         plots.make_all(results, rows, Path(args.out) / "plots")
         print(f"\nwrote {args.out}/results.md, results.csv, selections.csv, results.json, results.tex, plots/")
+    for line in mlflow_links(args.paths):
+        print(line)
     return 0
+
+
+def mlflow_links(paths) -> list[str]:
+    """Each sweep's MLflow link (its plan.json names the store), where the store is here to ask for the experiment:
+    `distill ui STORAGE`, then the page that opens on the selected trials."""
+    from . import tracking
+
+    lines = []
+    for path in paths:
+        plan = _json(Path(path) / "plan.json")
+        uri, name = plan.get("tracking_uri"), plan.get("sweep")
+        if not uri or not name or (uri.startswith(tracking.SQLITE) and not Path(uri[len(tracking.SQLITE):]).is_file()):
+            continue
+        try:
+            exp = tracking.client(uri).get_experiment_by_name(name)
+        except Exception:  # noqa: BLE001 - an unreachable store: no link
+            continue
+        if exp is None:
+            continue
+        if uri.startswith(("http://", "https://")):
+            lines.append(f"MLflow ({name}): {tracking.sweep_link(exp.experiment_id, uri)}")
+        else:
+            lines.append(f"MLflow ({name}): distill ui {plan.get('storage')}   then open "
+                         f"{tracking.sweep_link(exp.experiment_id)}")
+    return lines
 
 
 if __name__ == "__main__":

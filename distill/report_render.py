@@ -169,11 +169,12 @@ def _counts_line(results: dict) -> str:
             + (f", {counts['failed']} failed" if counts.get("failed") else "") + ".")
 
 
-def render_text(results: dict, selection: str | None = None) -> str:
+def render_text(results: dict, selection: str | None = None, main_only: bool = False) -> str:
     """The tables as markdown, the main one first: `selection` (default: the results' main selection, else
     training-domain validation) with the paired comparison under it, then the other selections and the selection
     gap. Each selection says its rule in one line, with the docs page that explains it; a table whose every cell is
-    empty (no leave-one-domain-out runs) is left out, and one line says why and how to get it."""
+    empty (no leave-one-domain-out runs) is left out, and one line says why and how to get it. `main_only`: the
+    main table and the paired comparison only (the sweep's MLflow experiment description)."""
     order = _order(results, selection)
     out = [f"## {', '.join(results['sweeps'])}: test-domain accuracy (%)", "",
            f"Cells: {_error_phrase(results)}. {_counts_line(results)}"]
@@ -187,6 +188,11 @@ def render_text(results: dict, selection: str | None = None) -> str:
         if sel == "lodo" and lodo_note(results):
             out += [lodo_note(results), ""]
         out += _md_table(results, sel)
+        if i == 0 and main_only:
+            if results.get("paired"):
+                out += ["", f"**Paired against {results['paired']['baseline']}** (percentage points; wins / losses of "
+                            f"the (domain, seed) pairs; source val %)", ""] + _paired_table(results)
+            break
         if i == 0 and results.get("paired"):
             base = results["paired"]["baseline"]
             out += ["", f"**Paired against {base}**: each method's selected model minus {base}'s on the same held-out "

@@ -33,6 +33,21 @@ def tracking_uri(storage: str | os.PathLike) -> str:
     return uri
 
 
+UI_PORT = 5000
+
+
+def sweep_link(experiment_id: str, base: str = f"http://127.0.0.1:{UI_PORT}") -> str:
+    """The MLflow UI page that opens on a sweep's answer: the experiment in its "Model training" mode (MLflow 3
+    opens GenAI views otherwise), the runs page listing the selected trials flat (`selected_val_acc`, logged only
+    on them), best first."""
+    from urllib.parse import quote
+
+    query = {"workflowType": "machine_learning", "searchFilter": "metrics.selected_val_acc > 0",
+             "orderByKey": "metrics.`selected_val_acc`", "orderByAsc": "false"}
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?" + "&".join(
+        f"{k}={quote(v, safe='')}" for k, v in query.items())
+
+
 def client(uri: str):
     import mlflow
 

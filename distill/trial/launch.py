@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -59,7 +60,19 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if not ray.is_initialized():
         kwargs = {"num_cpus": num_cpus} if num_cpus and not os.environ.get("RAY_ADDRESS") else {}
-        ray.init(**kwargs, log_to_driver=True)
+        # a new local cluster gets token authentication (Ray's default, as it should: nothing listens
+        # unauthenticated), which Ray announces with a warning on every start; that one line is dropped (a warning
+        # that authentication is DISABLED still shows; RAY_AUTH_MODE in the environment still decides)
+        auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        auth_log.addFilter(_drop_token_auth_enabled)
+        try:
+            ray.init(**kwargs, log_to_driver=True)
+        finally:
+            auth_log.removeFilter(_drop_token_auth_enabled)
+
+
+def _drop_token_auth_enabled(record: logging.LogRecord) -> bool:
+    return not str(record.getMessage()).startswith("Token authentication is enabled for this Ray cluster")
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -229,11 +230,16 @@ def teacher_report(plan: Plan) -> dict:
                        f"{first['prompts'][:3]}", "chance": 1.0 / first["classes"]}
 
 
-def mlflow_ui_command(uri: str) -> str:
-    """The command that opens the runs (an sqlite store: `mlflow ui` on this machine's loopback)."""
-    if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000"
-    return f"open {uri} (the tracking server)"
+def mlflow_lines(plan: Plan) -> str:
+    """Where the sweep's answer is in MLflow: one link, opening on its selected trials (an sqlite store: served by
+    `distill ui` on this machine's loopback; a tracking server: on it)."""
+    uri = plan.tracking_uri
+    exp_id = tracking.experiment_id(uri, plan.name)
+    if uri.startswith(("http://", "https://")):
+        return f"  MLflow:  {tracking.sweep_link(exp_id, uri)}"
+    storage = plan.cfg["storage"]
+    serve = "distill ui" + ("" if os.environ.get("MLFLOW_TRACKING_URI") else f" {storage}")
+    return f"  MLflow:  {serve}   then open {tracking.sweep_link(exp_id)}"
 
 
 def _load_state(plan: Plan) -> dict | None:
@@ -263,6 +269,11 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: bool = False) -> dict:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    import mlflow  # noqa: F401  (imported first: its import sets its loggers' levels)
+
+    # MLflow's store notes, Tune's trainable conversion and result-file notes: with --verbose only
+    for name in ("mlflow", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     ensure_ray()
     _give_trials_the_ray_address()
     running, why = concurrency(plan)
@@ -307,7 +318,7 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: bool = False) -> dict:
                                                      "distill.failure": f"{type(exc).__name__}: {exc}"[:4000]})
         tracking.end_run(plan.tracking_uri, parent, "FAILED")
         raise
-    results = finish(plan, parent)
+    results = finish(plan, parent, verbose)
     tracking.set_tags(plan.tracking_uri, parent, {tracking.STATUS_TAG: "finished",
                                                  "distill.sweep_seconds": round(time.time() - t0)})
     tracking.end_run(plan.tracking_uri, parent, "FINISHED")
@@ -316,8 +327,7 @@ def run_sweep(plan: Plan, resume: bool = False, verbose: bool = False) -> dict:
         print(f"[distill.tune] error: selected model not registered: {line}", flush=True)
     print(f"[distill.tune] sweep {plan.name!r} done in {time.time() - t0:.0f}s\n"
           f"  results: {sweep_dir}/results.md (.csv, .json, .tex)\n  plots:   {sweep_dir}/plots/\n"
-          f"  MLflow:  {mlflow_ui_command(plan.tracking_uri)}   (experiment {plan.name!r}, parent run {parent})",
-          flush=True)
+          f"{mlflow_lines(plan)}", flush=True)
     if results["unregistered"]:
         print(f"[distill.tune] {len(results['unregistered'])} selected model(s) not registered (above); once the "
               f"cause is fixed, register them with: {resume_command(plan)}", flush=True)

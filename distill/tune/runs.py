@@ -96,7 +96,7 @@ def reconcile_runs(plan: Plan, parent: str, final: bool = False) -> dict[str, An
     return child_runs(plan, parent)
 
 
-def finish(plan: Plan, parent: str) -> dict:
+def finish(plan: Plan, parent: str, verbose: bool = False) -> dict:
     """Selection, report files, plots, MLflow parent artifacts/metrics, model registry."""
     from .. import plots, report
 
@@ -114,6 +114,7 @@ def finish(plan: Plan, parent: str) -> dict:
             tracking.log_artifact(uri, parent, sweep_dir / name, "results")
     for path in made:
         tracking.log_artifact(uri, parent, path, "plots")
+    log_answer(plan, parent, results)
     metrics = {}
     overall = report.overall_group(results)
     for selection, prefix in (("validation", "test_acc"), ("oracle", "oracle_test_acc")):
@@ -137,7 +138,7 @@ def finish(plan: Plan, parent: str) -> dict:
     # the parent run's description (its page's "Description"): the plan and the results
     tracking.set_tags(uri, parent, {"mlflow.note.content": f"```\n{describe(plan)}\n```\n\n"
                                                           f"{report.render_text(results)}"[:60000]})
-    results["unregistered"] = register_selected(plan, results, run_ids)
+    results["unregistered"] = register_selected(plan, results, run_ids, verbose)
     if results["unregistered"]:
         tracking.set_tags(uri, parent, {"distill.unregistered": "; ".join(results["unregistered"])[:4000]})
     elif "distill.unregistered" in tracking.client(uri).get_run(parent).data.tags:   # registered by --resume
@@ -145,7 +146,68 @@ def finish(plan: Plan, parent: str) -> dict:
     return results
 
 
-def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> list[str]:
+def log_answer(plan: Plan, parent: str, results: dict) -> None:
+    """What makes the sweep's MLflow page read on its own: the experiment's description (shown above its runs) is the
+    main table and the paired comparison; the parent run logs them as MLflow tables (`tables/*.json`, shown by the
+    UI's artifact view and `mlflow.load_table`), and each search's Optuna figures under `search/<search>/`."""
+    from .. import plots
+    from ..report_render import render_text
+
+    uri = plan.tracking_uri
+    c = tracking.client(uri)
+    exp_id = tracking.experiment_id(uri, plan.name)
+    page = tracking.sweep_link(exp_id).split("#", 1)[1]   # relative: the same UI, whatever its host and port
+    c.set_experiment_tag(exp_id, "mlflow.note.content",
+                         (f"{render_text(results, main_only=True)}\n\n[The selected trials, best first](#{page}); "
+                          f"the rest in the parent run `{plan.name} (sweep)`: its description, and its artifacts "
+                          f"`results/`, `plots/`, `tables/`, `search/` (each search's Optuna figures).")[:60000])
+    rows = results["table"][results.get("main_selection") or "validation"]
+    domains = results["domains"]
+    _log_table(c, parent, {"method": [r["method"] for r in rows],
+                              **{d: [_pct(r["domains"].get(d)) for r in rows] for d in domains},
+                              "Avg": [_pct(r["avg"]) for r in rows]}, "main.json")
+    if results.get("paired"):
+        prow = results["paired"]["rows"]
+        _log_table(c, parent, {"method": [r["method"] for r in prow],
+                                  **{d: [_pp(r["domains"].get(d)) for r in prow] for d in domains},
+                                  "Avg": [_pp(r["avg"]["mean"]) if r.get("avg") else 0.0 for r in prow],
+                                  "wins": [r.get("wins") for r in prow], "losses": [r.get("losses") for r in prow],
+                                  "source_val": [_pp(r.get("source_val")) for r in prow]},
+                   "paired.json")
+    db = plan.sweep_dir / "optuna.db"
+    if db.is_file():
+        made, _ = plots.search_figures(db, plan.sweep_dir / "search")
+        for path in made:
+            tracking.log_artifact(uri, parent, path, f"search/{path.parent.name}")
+
+
+def _log_table(c, run_id: str, data: dict, name: str) -> None:
+    """`data` (column -> values) as an MLflow table `tables/<name>` (the JSON of `MlflowClient.log_table`, and its
+    run tag, so that `mlflow.load_table` and the UI find it), written whole: a sweep finished again (--resume)
+    replaces it instead of appending its rows a second time, as log_table would."""
+    import tempfile
+
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        pd.DataFrame(data).to_json(path, orient="split", index=False)
+        c.log_artifact(run_id, str(path), "tables")
+    logged = json.loads(c.get_run(run_id).data.tags.get("mlflow.loggedArtifacts", "[]"))
+    entry = {"path": f"tables/{name}", "type": "table"}
+    if entry not in logged:
+        c.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps(logged + [entry]))
+
+
+def _pct(cell: dict | None) -> float | None:
+    return None if not cell or cell.get("mean") is None else round(100 * cell["mean"], 2)
+
+
+def _pp(v: float | None) -> float | None:
+    return None if v is None else round(100 * v, 2)
+
+
+def register_selected(plan: Plan, results: dict, run_ids: dict[str, str], verbose: bool = False) -> list[str]:
     """The selected model of each held-out domain (per seed): its child run gets the selected step's metrics
     (`selected_test_acc`, `selected_val_acc`, `selected_step`: the runs table sorts and compares on them) and the tag
     `distill.selected`, and the selected (trial, step)'s weights are logged with mlflow.pytorch as a module that maps
@@ -173,12 +235,17 @@ def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> lis
                                         f"distill.selected_for.{sel['test_domain']}.s{sel['seed']}": sel["step"]})
         tracking.log_metrics(uri, run_id, {"selected_test_acc": sel["test_acc"], "selected_val_acc": sel["val_acc"],
                                            "selected_step": sel["step"]}, 0)
+        # the runs page's default columns show a run's name: the selected one's says what was selected and how well
+        # (the answer first: the column shows ~20 characters)
+        c.update_run(run_id, name=f"{sel['test_domain']} {100 * sel['test_acc']:.1f} · {sel['method']} · val "
+                                  f"{100 * sel['val_acc']:.1f} · step {sel['step']} · {sel['train_run']}")
         try:
             if [v for v in c.search_model_versions(f"name = '{model}'") if v.run_id == run_id]:
                 continue   # registered by an earlier finish of this sweep
             state = read_selected_checkpoint(sel.get("checkpoint_path"), plan.train_root)
             cfg = trial_cfg(plan.raw, sel.get("params") or {}, sel["test_domain"], sel["seed"])
-            info = log_predictor(uri, run_id, predictor(cfg, state["model"]), registered_name=model)
+            with _quiet(verbose):   # MLflow prints "Successfully registered model ...": the line below says it
+                info = log_predictor(uri, run_id, predictor(cfg, state["model"]), registered_name=model)
             version = info.registered_model_version
             if version is not None:
                 c.set_model_version_tag(model, str(version), "distill.step", str(sel["step"]))
@@ -190,6 +257,19 @@ def register_selected(plan: Plan, results: dict, run_ids: dict[str, str]) -> lis
             failures.append(f"{model} (seed {sel['seed']}, {sel['train_run']} step {sel['step']}): "
                             f"{type(exc).__name__}: {exc}")
     return failures
+
+
+def _quiet(verbose: bool):
+    """stdout and stderr swallowed unless verbose (an exception still propagates)."""
+    import contextlib
+    import io
+
+    if verbose:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
 
 
 def _model_name(name: str) -> str:

@@ -61,8 +61,13 @@ class SweepTrial:
             # leave-one-domain-out selection may pick any selectable evaluation of this trial: keep every checkpoint
             cfg["train"]["num_checkpoints"] = None
         try:
+            search = config[SEARCH_KEY]
+            searched = ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "nothing (a fixed config)"
+            note = f"A trial of search `{search}` (held-out {test_domain}, seed {seed}) of sweep `{self.sweep}`; " \
+                   f"searched: {searched}."
             run_trial(cfg, tune=True, parent_run_id=self.parent_run_id, name=name, train_storage=self.train_storage,
-                      experiment=self.sweep, tags={**self.tags, **searched_tags(params)}, verbose=self.verbose)
+                      experiment=self.sweep, tags={**self.tags, **searched_tags(params), "distill.search": search,
+                                                   "mlflow.note.content": note}, verbose=self.verbose)
         except TrialFailed:
             return   # reported to Tune by the workers (FAILED) and in MLflow: ends the trial without a retry
 

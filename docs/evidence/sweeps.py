@@ -2,7 +2,7 @@
 
 Each sweep is `python -m distill.tune --space FILE --storage STORAGE --set ...` (with --resume when its storage holds
 it already). When it has finished, its report inputs (plain text: rows, plan, teacher, results) and each trial's
-seconds (its MLflow run's start to end) are copied under <page>/sweeps/<sweep>/, to be committed: the page's tables
+seconds (its MLflow run's phase/total, or start to end for a failed one) are copied under <page>/sweeps/<sweep>/, to be committed: the page's tables
 are built from those copies, and a later run (another session, another machine) skips the sweep. <page>/timings.json
 keeps each attempt's wall seconds and the machine's load average at its start and end.
 """
@@ -29,14 +29,28 @@ def done(page: Path, sweep: str) -> bool:
 
 
 def trial_seconds(storage: Path, sweep: str) -> dict[str, float]:
-    """Train run name -> seconds from its MLflow run's start to its end (the sweep's sqlite store)."""
+    """Train run name -> seconds from its MLflow run's start to its end: the children of the sweep's latest parent
+    run (an earlier, discarded attempt of the same sweep name has its own parent) in the storage's sqlite store."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     exp = client.get_experiment_by_name(sweep)
-    runs = client.search_runs([exp.experiment_id], "tags.`distill.role` != 'sweep'", max_results=50000) if exp else []
-    return {r.data.tags.get("distill.run_name"): round((r.info.end_time - r.info.start_time) / 1000, 2)
-            for r in runs if r.info.end_time and r.data.tags.get("distill.run_name")}
+    if exp is None:
+        return {}
+    parents = client.search_runs([exp.experiment_id], "tags.`distill.role` = 'sweep'", max_results=1,
+                                 order_by=["attributes.start_time DESC"])
+    if not parents:
+        return {}
+    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'",
+                              max_results=50000)
+    out = {}
+    for r in runs:
+        name = r.data.tags.get("distill.run_name")
+        if "phase/total" in r.data.metrics:   # a finished trial: its own start-to-done time (the run's end time
+            out[name] = round(r.data.metrics["phase/total"], 2)   # moves when its model is registered later)
+        elif r.info.status == "FAILED" and r.info.end_time:   # ended by its failure
+            out[name] = round((r.info.end_time - r.info.start_time) / 1000, 2)
+    return out   # an early-stopped trial is not here: its Tune rows' time_total_s says it
 
 
 def keep(page: Path, storage: Path, sweep: str) -> None:

@@ -38,7 +38,9 @@ def trials(sweep_dir: Path) -> list[dict]:
         out.append({"trial_id": trial_id, "trial_index": end.get("trial_index"), "status": end.get("status"),
                     "params": end.get("params"), "best_val": max(vals) if vals else None,
                     "steps": max((r["step"] for r in own), default=0),
-                    "seconds": seconds.get(end.get("train_run"), 0.0)})
+                    # the trial's MLflow time (finished or failed), else Tune's time of its last row (early stopped)
+                    "seconds": seconds.get(end.get("train_run"),
+                                           max((r.get("time_total_s") or 0.0 for r in own), default=0.0))})
     return sorted(out, key=lambda t: (t["trial_index"] is None, t["trial_index"], t["trial_id"]))
 
 
