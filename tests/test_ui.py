@@ -126,7 +126,7 @@ def test_the_sweep_page_holds_its_answer(finished_sweep):
     for search in searches:
         pngs = {a.path.rsplit("/", 1)[1] for a in c.list_artifacts(parent.info.run_id, search)}
         assert pngs == {"history.png", "importances.png", "parallel.png"}, pngs
-    child = c.search_runs([exp.experiment_id], f"tags.`distill.search` = 'sketch-s0'")[0]
+    child = c.search_runs([exp.experiment_id], "tags.`distill.search` = 'sketch-s0'")[0]
     assert "A trial of search `sketch-s0` (held-out sketch, seed 0)" in child.data.tags["mlflow.note.content"]
     assert "searched: train.lr=" in child.data.tags["mlflow.note.content"]
 
