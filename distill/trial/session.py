@@ -2,7 +2,7 @@
 
 ``resources.launcher: inline`` runs a single-worker trial in the process that launched it (a sweep's Tune trial
 function, which Tune reuses for the next trial) instead of a TorchTrainer's four new processes (controller,
-placement-group cleaner, synchronisation actor, worker: ~14 s of CPU per trial, README "Launchers"). The loop
+placement-group cleaner, synchronisation actor, worker: ~14 s of CPU per trial, docs/sweeps.md "Launchers"). The loop
 calls this module instead of ``ray.train`` directly; an inline run gives it what Train would: its rank and device,
 the checkpoint to resume from, and reports that persist checkpoints under the same run directory
 (``<train storage>/<run name>/checkpoint_NNNNNN``, best ``train.num_checkpoints`` by score kept, plus the latest)

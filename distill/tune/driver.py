@@ -56,7 +56,7 @@ def start_ahead(plan: Plan, running: int) -> tuple[int, str]:
     on CPUs the running trials' GPUs do not need), then waits for its workers' resources, so that a GPU freed by a
     trial goes to a started one instead of idling through the next trial's start-up. search.start_ahead; by default
     one per running trial (at most 8) when trials hold GPUs, none for CPU trials, whose start-up would take CPU
-    from the running ones (measured: slower on a 2-core machine, README "Performance")."""
+    from the running ones (measured: slower on a 2-core machine, docs/performance.md)."""
     total = plan.search["num_samples"] * len(plan.searches())
     given = plan.search.get("start_ahead")
     if plan.cfg["resources"]["launcher"] == "inline":

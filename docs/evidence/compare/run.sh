@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The method comparison on the built-in miniature (README: "Comparing the methods on the built-in world").
+# The method comparison on the built-in miniature (docs/evidence.md: "Comparing the methods on the built-in world").
 # Every method with its paper's recipe (fixed before any method was run on the miniature), the same budget
 # (search_spaces/compare.yaml: pretrained small_cnn, 400 steps of 3 x 32 images, Adam 3e-3 cosine, evaluation
 # every 50 steps), every held-out domain, seeds 0-2, two trials at a time on a 2-core machine. Then one table.
