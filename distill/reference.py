@@ -145,6 +145,14 @@ def hparam_rows(name: str) -> list[dict]:
             for k, v in cls.hparams.items()]
 
 
+def method_doc(name: str) -> str:
+    """The method's module docstring (its formula, the official code it follows, its deviations) as the page's text:
+    its indented formula blocks stay code blocks."""
+    from .methods import get_method
+
+    return inspect.getdoc(inspect.getmodule(get_method(name))) or ""
+
+
 def hparams_table(name: str) -> str:
     rows = hparam_rows(name)
     if not rows:

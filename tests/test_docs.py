@@ -34,3 +34,13 @@ def test_the_docs_site_builds_strict(tmp_path):
     assert "train.stop_collapsed" in page and "distill:config-reference" not in page   # the generated reference
     scmd = (tmp_path / "methods" / "scmd" / "index.html").read_text()
     assert "selection_ratio" in scmd and "distill:hparams" not in scmd
+    irm = (tmp_path / "methods" / "irm" / "index.html").read_text()   # the page is the module's own docstring
+    assert "distill:method-doc" not in irm and "irm_penalty_anneal_iters" in irm and "hparams_registry.py" in irm
+    from distill.methods import REGISTRY
+
+    nav = (REPO / "mkdocs.yml").read_text()
+    documented = set()
+    for page in (REPO / "docs" / "methods").glob("*.md"):
+        documented |= set(re.findall(r"<!-- distill:hparams (\w+) -->", page.read_text()))
+        assert page.name == "index.md" or f"methods/{page.name}" in nav, page
+    assert documented == set(REGISTRY)   # every registered method has its page and its hyperparameter table

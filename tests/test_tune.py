@@ -138,7 +138,12 @@ def test_the_shipped_sweep_files_validate(tmp_path):
     demo = tune.make_plan(DEMO, storage=str(tmp_path))
     assert demo.methods == ["erm", "kd"] and len(demo.searches()) == 4 and demo.search["num_samples"] >= 2
     full = tune.make_plan(ALL, [f"dataset.root={fake_pacs(tmp_path / 'PACS')}"], str(tmp_path))
-    assert full.methods == ["erm", "kd", "rise", "scmd", "vl2v", "li"] and len(full.searches()) == 12
+    assert full.methods == ["erm", "kd", "rise", "scmd", "vl2v", "li", "coral", "mmd", "groupdro", "irm", "mixup",
+                            "sagnet", "miro", "miro_teacher"] and len(full.searches()) == 12
+    baselines = tune.make_plan(REPO / "search_spaces" / "dg-baselines.yaml",
+                               [f"dataset.root={tmp_path / 'PACS'}"], str(tmp_path))
+    assert baselines.methods == ["erm", "coral", "mmd", "groupdro", "irm", "mixup", "sagnet", "miro"]
+    assert baselines.search["sampler"] == "random" and baselines.search["num_samples"] == 160
 
 
 def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
@@ -170,7 +175,7 @@ def test_method_hyperparameters_are_only_suggested_for_their_methods(tmp_path):
 
     # all.yaml: six methods, explicit `when` on top of the implicit method condition
     plan = tune.make_plan(ALL, [f"dataset.root={fake_pacs(tmp_path / 'PACS')}"], str(tmp_path))
-    drawn = sample(plan.space, 200)
+    drawn = sample(plan.space, 600)
     seen = collections.defaultdict(set)
     for params in drawn:
         seen[params["method.name"]] |= set(params)
@@ -183,6 +188,14 @@ def test_method_hyperparameters_are_only_suggested_for_their_methods(tmp_path):
                           "method.selection_ratio"},
         "vl2v": common | {"method.lam"},
         "li": common | {"method.filter_misclassified"},
+        "coral": common | {"method.mmd_gamma"},
+        "mmd": common | {"method.mmd_gamma"},
+        "groupdro": common | {"method.groupdro_eta"},
+        "irm": common | {"method.irm_lambda", "method.irm_penalty_anneal_iters"},
+        "mixup": common | {"method.mixup_alpha"},
+        "sagnet": common | {"method.sag_w_adv"},
+        "miro": common | {"method.ld"},
+        "miro_teacher": common | {"method.ld"},
     }
 
 
@@ -244,6 +257,28 @@ def test_the_sampler_choice_draws_what_optuna_draws_on_a_conditional_space(tmp_p
     assert {p["method.name"] for p in got} == {"erm", "kd"}
     with pytest.raises(ConfigError, match=r"search.sampler: expected one of \['tpe', 'random'\], got 'grid'"):
         tune.make_plan(DEMO, ["search.sampler=grid"], str(tmp_path))
+
+
+def test_logint_draws_integers_log_uniformly_and_irm_searches_with_it(tmp_path):
+    """`logint: [lo, hi]` (DomainBed's int(10**U(a, b)), e.g. IRM's irm_penalty_anneal_iters): integers in range,
+    as many draws below the range's geometric middle as above it (a plain `int` puts ~99% above 100 of [1, 10000])."""
+    data = tiny(tmp_path, "logint", method={"name": "irm"},
+                search={"space": {"method.irm_penalty_anneal_iters": {"logint": [1, 10000]}}})
+    plan = tune.make_plan(write(tmp_path, data))
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = []
+    for _ in range(400):
+        trial = study.ask()
+        plan.space(trial)
+        study.tell(trial, 0.0)
+        drawn.append(trial.params["method.irm_penalty_anneal_iters"])
+    assert all(isinstance(v, int) and 1 <= v <= 10000 for v in drawn)
+    assert 150 <= sum(v < 100 for v in drawn) <= 250   # log-uniform: half below 10**2
+    data["search"]["space"]["method.irm_penalty_anneal_iters"] = {"logint": [0, 100]}
+    with pytest.raises(ConfigError, match="logint needs 1 <= lo"):
+        tune.make_plan(write(tmp_path, data))
 
 
 def test_the_space_pickles_and_resamples_identically(tmp_path):

@@ -40,6 +40,9 @@ SCORE_METRIC = "checkpoint_score"   # val_acc of a selectable new best, -1 other
 
 
 def make_optimizer(groups: list[dict], tc: dict):
+    """The optimiser over the method's parameter groups; a group's `lr_mult` (MIRO's encoders) scales train.lr."""
+    groups = [{**{k: v for k, v in g.items() if k != "lr_mult"}, "lr": tc["lr"] * g["lr_mult"]} if "lr_mult" in g
+              else g for g in groups]
     if tc["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"])
     cls = torch.optim.AdamW if tc["optimizer"] == "adamw" else torch.optim.Adam

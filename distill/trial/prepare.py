@@ -70,7 +70,8 @@ def method_context(cfg: dict, spec, splits, embed_dim: int):
         class_names=list(spec.class_names), source_domains=sources,
         total_steps=sum(steps for _, steps in trial_steps(cfg)), num_classes=len(spec.classes), embed_dim=embed_dim,
         class_prompts=class_prompts(spec.class_names, cfg["teacher"]["prompts"], sources),
-        style_domains=spec.style_domains, descriptions=descriptions)
+        style_domains=spec.style_domains, descriptions=descriptions,
+        extra={"seed": cfg["seed"]})   # a method's own random draws differ by trial seed, as DomainBed's
 
 
 def prompt_sets(cfg: dict, ctx) -> dict:

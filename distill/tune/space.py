@@ -9,7 +9,7 @@ from ..config import TYPES, get_dotted
 
 METRIC = "val_acc_best"  # = distill.train.BEST_METRIC: best source-validation accuracy so far (never the test domain)
 MODE = "max"
-DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 # keys that define the sweep itself (its outer loop, its paths, its cluster share): never searched
 STRUCTURAL = {"name", "storage", "seed", "seeds", "search", "test_domains", "dataset.name", "dataset.root",
               "resources.num_workers", "resources.cpus_per_worker", "resources.gpus_per_worker"}
@@ -32,7 +32,7 @@ class Param:
     have that hyperparameter."""
 
     key: str
-    kind: str  # uniform | loguniform | int | choice
+    kind: str  # uniform | loguniform | int | logint (an integer drawn log-uniformly) | choice
     values: tuple  # (lo, hi) or the choices
     when: tuple = ()  # ((dotted key, (allowed values...)), ...)
     methods: tuple | None = None  # method.<hp>: the methods with this hyperparameter; None: no implicit condition
@@ -42,6 +42,8 @@ class Param:
             return trial.suggest_float(self.key, float(self.values[0]), float(self.values[1]))
         if self.kind == "loguniform":
             return trial.suggest_float(self.key, float(self.values[0]), float(self.values[1]), log=True)
+        if self.kind == "logint":
+            return trial.suggest_int(self.key, int(self.values[0]), int(self.values[1]), log=True)
         if self.kind == "int":
             return trial.suggest_int(self.key, int(self.values[0]), int(self.values[1]))
         return trial.suggest_categorical(self.key, list(self.values))
@@ -158,7 +160,7 @@ def parse_space(space: Any, base: dict, where: str = "search.space") -> tuple[li
             continue
         if not isinstance(spec, dict):
             problems.append(f"{at}: expected a distribution mapping like {{uniform: [lo, hi]}}, "
-                            f"{{loguniform: [lo, hi]}}, {{int: [lo, hi]}} or {{choice: [...]}}, got {spec!r}")
+                            f"{{loguniform: [lo, hi]}}, {{int: [lo, hi]}}, {{logint: [lo, hi]}} or {{choice: [...]}}, got {spec!r}")
             continue
         kinds = [k for k in spec if k in DISTRIBUTIONS]
         extra = [k for k in spec if k not in DISTRIBUTIONS and k != "when"]
@@ -270,9 +272,12 @@ def _check_distribution(at: str, kind: str, args: Any, problems: list[str]) -> t
         problems.append(f"{at}: {kind} needs [lo, hi], got {args!r}")
         return None
     lo, hi = args
-    if kind == "int":
+    if kind in ("int", "logint"):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)):
-            problems.append(f"{at}: int needs two integers [lo, hi], got {args!r}")
+            problems.append(f"{at}: {kind} needs two integers [lo, hi], got {args!r}")
+            return None
+        if kind == "logint" and lo < 1:
+            problems.append(f"{at}: logint needs 1 <= lo, got lo {lo!r}")
             return None
     elif not all(_is_number(v) for v in (lo, hi)):
         problems.append(f"{at}: {kind} needs two numbers [lo, hi], got {args!r}")
