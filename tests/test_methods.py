@@ -18,6 +18,8 @@ from distill.methods.rise import NON_STYLE_ANCHORS, RISE, RISE_TEMPLATES
 from distill.methods.scmd import SCMD, num_selected
 from distill.methods.vl2v import VL2V
 
+from handmath import ce, cos, dot, kl, linear, mean, softmax, t, unit   # tests/handmath.py: the plain-Python reference math
+
 torch.set_num_threads(1)
 TOL = 1e-5
 
@@ -34,42 +36,6 @@ def clip_logit_scale(request, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ reference math (plain Python)
-def dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
-
-
-def unit(a):
-    n = math.sqrt(dot(a, a))
-    return [x / n for x in a]
-
-
-def cos(a, b):
-    return dot(a, b) / math.sqrt(dot(a, a) * dot(b, b))
-
-
-def linear(W, b, x):
-    return [dot(row, x) + (b[i] if b else 0.0) for i, row in enumerate(W)]
-
-
-def softmax(v):
-    m = max(v)
-    e = [math.exp(x - m) for x in v]
-    z = sum(e)
-    return [x / z for x in e]
-
-
-def kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-
-
-def ce(logits, y):
-    return -math.log(softmax(logits)[y])
-
-
-def mean(v):
-    return sum(v) / len(v)
-
-
 # ------------------------------------------------------------------------------------------------ hand-made data
 # B=4 samples, F=D=4, C=3 classes.
 X = [[1.0, 0.5, -0.3, 0.2], [0.2, -1.0, 0.4, 0.7], [-0.6, 0.3, 0.9, -0.1], [0.5, 0.5, 0.5, -0.8]]
@@ -83,10 +49,6 @@ TC2 = [unit(r) for r in ([0.5, 0.5, 0.1, -0.2], [0.1, -0.3, 0.9, 0.2], [-0.4, 0.
 V = [unit(r) for r in ([0.8, 0.1, 0.2, 0.4], [-0.1, 0.7, 0.6, -0.2], [0.2, -0.3, 0.9, 0.3], [0.5, 0.4, -0.2, 0.6])]
 S = [linear(WP, BP, x) for x in X]                                                                    # s = P f
 Z = [linear(WC, BC, x) for x in X]                                                                    # z_S
-
-
-def t(rows):
-    return torch.tensor(rows, dtype=torch.float32)
 
 
 class TinyStudent(nn.Module):

@@ -20,35 +20,14 @@ from distill.methods.groupdro import GroupDRO
 from distill.methods.irm import IRM
 from distill.methods.mmd import MMD, domain_rows
 
+from handmath import ce, dot, linear, mean, softmax, t   # tests/handmath.py: the plain-Python reference math
+
 torch.set_num_threads(1)
 TOL = 1e-5
 METHODS = (CORAL, MMD, GroupDRO, IRM)
 
 
 # ------------------------------------------------------------------------------------ reference math (plain Python)
-def dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
-
-
-def linear(W, b, x):
-    return [dot(row, x) + b[i] for i, row in enumerate(W)]
-
-
-def softmax(v):
-    m = max(v)
-    e = [math.exp(x - m) for x in v]
-    z = sum(e)
-    return [x / z for x in e]
-
-
-def ce(logits, y):
-    return -math.log(softmax(logits)[y])
-
-
-def mean(v):
-    return sum(v) / len(v)
-
-
 # ------------------------------------------------------------------------------------------------ hand-made data
 # 3 source domains x 3 rows, F = 4 features, C = 3 classes. The features are multiples of 1/4, so that squared
 # distances and products are exact in float32 (the MMD kernel's exp(-1000 d) would magnify any rounding of d).
@@ -62,10 +41,6 @@ YD2 = [[1, 2, 0], [0, 2, 1], [1, 0, 2]]   # a second step's labels (GroupDRO)
 WC = [[0.7, -0.5, 0.2, 0.1], [-0.3, 0.6, 0.4, -0.2], [0.1, 0.2, -0.6, 0.9]]
 BC = [0.1, 0.0, -0.1]
 SOURCES = ["art painting", "cartoon", "sketch"]
-
-
-def t(rows):
-    return torch.tensor(rows, dtype=torch.float32)
 
 
 class TinyStudent(nn.Module):

@@ -16,28 +16,13 @@ from torch import nn
 from distill.methods import MethodContext
 from distill.methods.miro import MIRO, MIROTeacher, feature_layer_names
 
+from handmath import ce, linear, mean, t   # tests/handmath.py: the plain-Python reference math
+
 torch.set_num_threads(1)
 TOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------ reference math (plain Python)
-def dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
-
-
-def linear(W, b, x):
-    return [dot(row, x) + b[i] for i, row in enumerate(W)]
-
-
-def ce(logits, y):
-    m = max(logits)
-    return -(logits[y] - m - math.log(sum(math.exp(z - m) for z in logits)))
-
-
-def mean(v):
-    return sum(v) / len(v)
-
-
 def softplus(b):
     return math.log(1.0 + math.exp(b))
 
@@ -75,10 +60,6 @@ H1 = [linear(W1, B1, x) for x in X]
 H2 = [linear(W2, B2, h) for h in H1]
 Z = [linear(WC, BC, h) for h in H2]
 CE = mean([ce(z, y) for z, y in zip(Z, Y)])
-
-
-def t(rows):
-    return torch.tensor(rows, dtype=torch.float32)
 
 
 class TinyStudent(nn.Module):

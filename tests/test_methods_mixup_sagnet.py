@@ -18,33 +18,13 @@ from distill.methods import MethodContext
 from distill.methods.mixup import MIXUP_SEED, Mixup, domain_pairs, mixup_draws
 from distill.methods.sagnet import SAGNET_SEED, SagNet, randomize, sagnet_draws
 
+from handmath import ce, linear, log_softmax, mean, t   # tests/handmath.py: the plain-Python reference math
+
 torch.set_num_threads(1)
 TOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------ reference math (plain Python)
-def dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
-
-
-def linear(W, b, x):
-    return [dot(row, x) + b[i] for i, row in enumerate(W)]
-
-
-def log_softmax(v):
-    m = max(v)
-    lse = m + math.log(sum(math.exp(x - m) for x in v))
-    return [x - lse for x in v]
-
-
-def ce(logits, y):
-    return -log_softmax(logits)[y]
-
-
-def mean(v):
-    return sum(v) / len(v)
-
-
 def var_unbiased(v):
     m = mean(v)
     return sum((x - m) ** 2 for x in v) / (len(v) - 1)
@@ -82,10 +62,6 @@ BC = [0.1, 0.0, -0.1]
 WS = [[0.2, 0.4, -0.3, 0.5], [-0.6, 0.1, 0.3, 0.2], [0.5, -0.2, 0.1, -0.4]]    # network_s
 BS = [-0.05, 0.15, 0.0]
 SOURCES = ("art painting", "cartoon", "sketch")
-
-
-def t(rows):
-    return torch.tensor(rows, dtype=torch.float32)
 
 
 class TinyStudent(nn.Module):

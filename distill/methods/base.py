@@ -41,6 +41,9 @@ class Method(nn.Module):
         super().__init__()
         self.student = student
         self.hp = {**self.hparams, **(hp or {})}
+        problems = self.hparam_problems(self.hp)   # the config checked them already; a method built directly too
+        if problems:
+            raise ValueError(f"{self.name}: {'; '.join(problems)}")
         self.ctx = ctx
         for key, value in text.items():
             self.register_buffer(f"text_{key}", value.float(), persistent=False)

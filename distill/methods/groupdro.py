@@ -52,9 +52,6 @@ class GroupDRO(Method):
 
     def __init__(self, student, hp: dict, ctx: MethodContext, text: dict[str, torch.Tensor]):
         super().__init__(student, hp, ctx, text)
-        problems = self.hparam_problems(self.hp)
-        if problems:
-            raise ValueError(f"groupdro: {'; '.join(problems)}")
         self.register_buffer("q", torch.ones(len(ctx.source_domains)), persistent=True)
 
     @classmethod

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Method, MethodContext, full_precision
+from .base import Method, full_precision
 from .mmd import domain_rows, nonnegative_problem
 
 
@@ -53,12 +53,6 @@ class IRM(Method):
         "irm_lambda": {"loguniform": [0.1, 100000.0]},   # DomainBed: 10**U(-1, 5)
         "irm_penalty_anneal_iters": {"logint": [1, 10000]},  # DomainBed's int(10**U(0, 4)): log-uniform integers
     }
-
-    def __init__(self, student, hp: dict, ctx: MethodContext, text: dict[str, torch.Tensor]):
-        super().__init__(student, hp, ctx, text)
-        problems = self.hparam_problems(self.hp)
-        if problems:
-            raise ValueError(f"irm: {'; '.join(problems)}")
 
     @classmethod
     def hparam_problems(cls, hp: dict) -> list[str]:

@@ -172,9 +172,6 @@ class MIRO(Method):
 
     def __init__(self, student: nn.Module, hp: dict, ctx: MethodContext, text: dict[str, torch.Tensor]):
         super().__init__(student, hp, ctx, text)
-        problems = self.hparam_problems(self.hp)
-        if problems:
-            raise ValueError(f"{self.name}: {'; '.join(problems)}")
         self.teacher_oracle = self.hp["oracle"] == "teacher"
         if self.teacher_oracle:
             self.oracle = None

@@ -74,9 +74,6 @@ class Mixup(Method):
 
     def __init__(self, student: nn.Module, hp: dict, ctx: MethodContext, text: dict[str, torch.Tensor]):
         super().__init__(student, hp, ctx, text)
-        problems = self.hparam_problems(self.hp)
-        if problems:
-            raise ValueError(f"mixup: {'; '.join(problems)}")
         self.seed_base = MIXUP_SEED + 7919 * int(ctx.extra.get("seed", 0))   # ctx.extra["seed"]: optional, default 0
         self.last_draws: tuple[list[int], list[float]] | None = None          # (perm, lams) of the last forward
 

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Method, MethodContext, full_precision
+from .base import Method, full_precision
 
 GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)   # DomainBed's gaussian_kernel bandwidths
 MIN_SQ_DIST = 1e-30                                    # DomainBed's my_cdist clamp
@@ -85,12 +85,6 @@ class FeatureAlignment(Method):
     """DomainBed's AbstractMMD: per-domain CE averaged over domains + mmd_gamma * mean pairwise feature distance."""
 
     min_rows_per_domain = 1
-
-    def __init__(self, student, hp: dict, ctx: MethodContext, text: dict[str, torch.Tensor]):
-        super().__init__(student, hp, ctx, text)
-        problems = self.hparam_problems(self.hp)
-        if problems:
-            raise ValueError(f"{self.name}: {'; '.join(problems)}")
 
     @classmethod
     def hparam_problems(cls, hp: dict) -> list[str]:

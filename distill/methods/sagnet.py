@@ -123,9 +123,6 @@ class SagNet(Method):
 
     def __init__(self, student: nn.Module, hp: dict, ctx: MethodContext, text: dict[str, torch.Tensor]):
         super().__init__(student, hp, ctx, text)
-        problems = self.hparam_problems(self.hp)
-        if problems:
-            raise ValueError(f"sagnet: {'; '.join(problems)}")
         self.network_s = nn.Linear(student.feature_dim, ctx.num_classes)   # the style head (PyTorch's default init)
         self.seed_base = SAGNET_SEED + 7919 * int(ctx.extra.get("seed", 0))   # ctx.extra["seed"]: optional, default 0
 
