@@ -1,21 +1,27 @@
-"""The training loop against its limits: ``python benchmarks/loop.py [--device cpu|cuda] [--quick]``.
+"""The training loop against its limits: ``python benchmarks/loop.py [--device cpu|cuda] [--quick] [--rounds N]``.
 
 For each student (small_cnn, resnet18, resnet50) and method case (erm; kd with the cached teacher; kd with the
-teacher online; scmd), side by side, in images per second (3 source domains x batch per step):
+teacher online; scmd), in images per second (3 source domains x batch per step), measured INTERLEAVED in one process:
+after a warm-up, rounds of A, B, C, A, B, C, ... so that a load change on a shared machine hits the three alike:
 
-- ``bare``: the limit: the student's forward, backward and optimiser step on one fixed device tensor, same precision
-  and memory format as the loop (plus the teacher's forward on that tensor when the case runs the teacher online);
-- ``loop``: distill's own step: the real worker loop (``distill.trial.loop``, in-process through Ray Train's local
-  mode), batches drawn, augmented on the device, the method's loss, optimiser; measured between two evaluations;
-- ``reference``: a DomainBed-style loop: PIL decoding and torchvision transforms in DataLoader worker processes,
+- ``loop`` (A): distill's own step: the real worker loop (``distill.trial.loop``, in-process through Ray Train's local
+  mode), batches drawn, augmented on the device, the method's loss, optimiser, averaging; one round = the steps
+  between two of its evaluations (the loop's own ``steps_per_s``, evaluation excluded);
+- ``bare`` (B): exactly the method's work and nothing else: a copy of the loop's own method object (its forward
+  passes and selection: SCMD forwards the whole batch and back-propagates its selected part; KD reads the fixed
+  batch's cached teacher embeddings; KD online also runs the teacher's forward on the batch), its backward and an
+  optimiser step over its own parameter groups, on ONE fixed device batch drawn by the loop's own feeder (so no
+  drawing, augmentation, averaging, scheduling or logging), the same precision and memory format;
+- ``reference`` (C): a DomainBed-style loop: PIL decoding and torchvision transforms in DataLoader worker processes,
   fp32, the teacher run online on every batch when the case uses a teacher.
 
-CPU mode (always; small sizes: 32 px, the built-in world, a tiny random CLIP teacher) finishes in minutes on two
-cores. GPU mode (when CUDA is present: 224 px, bf16, channels_last, a ViT-B/16-architecture teacher with random
-weights) is sized for one lent session (< 8 minutes); it also measures the host-streamed data path against the
-GPU-resident one and the summed throughput of several small trials sharing the GPU. Prints a table and writes
-``benchmarks/results/loop-<device>.json`` (per case: img_per_s, bare_img_per_s, reference_img_per_s, loop_vs_bare,
-loop_vs_reference).
+B and C run inside the loop's evaluation hook, so the loop's next round starts right after them. Each ratio is the
+median of the per-round ratios (loop/bare and loop/reference of the same round), with its min-max; a case whose
+per-round loop/bare spread (max-min over the median) exceeds ``SPREAD_BOUND`` says "unstable" instead of a verdict.
+The JSON holds every round. CPU mode (always; small sizes: 32 px, the built-in world, a tiny random CLIP teacher)
+takes minutes on two cores; GPU mode (224 px, bf16, channels_last, a ViT-B/16-architecture teacher with random
+weights) also measures the host-streamed data path and several small trials sharing the GPU. Prints a table and
+writes ``benchmarks/results/loop-<device>.json`` with the machine's load average at start and end.
 """
 from __future__ import annotations
 
@@ -37,19 +43,20 @@ sys.path.insert(0, str(ROOT))
 
 CASES = [("erm", {}), ("kd", {}), ("kd-online", {"teacher.online": True}), ("scmd", {})]
 STUDENTS = ["small_cnn", "resnet18", "resnet50"]
+SPREAD_BOUND = 0.10   # per-round loop/bare spread above which a case reports "unstable" instead of a verdict
+TARGET = 0.9          # loop/bare the loop should reach
 
 
 def settings(device: str, quick: bool) -> dict:
     if device == "cuda":
         return {"size": 224, "store": 256, "batch": 32, "per_class": 24, "arch": "ViT-B-16",
-                "steps": {"small_cnn": 200, "resnet18": 120, "resnet50": 60}, "bare_steps": 40, "ref_steps": 20,
+                "steps": {"small_cnn": 60, "resnet18": 40, "resnet50": 20}, "ref_steps": 10,   # per round
                 "workers": 8, "amp": "bf16"}
-    steps = {"small_cnn": 60, "resnet18": 24, "resnet50": 8}
+    steps = {"small_cnn": 24, "resnet18": 8, "resnet50": 4}   # per round
     if quick:
-        steps = {k: max(4, v // 4) for k, v in steps.items()}
+        steps = {k: max(2, v // 4) for k, v in steps.items()}
     return {"size": 32, "store": 32, "batch": 32, "per_class": 40, "arch": "distill-tiny-rn", "steps": steps,
-            "bare_steps": max(4, steps["small_cnn"] // 3), "ref_steps": 6 if quick else 12, "workers": 2,
-            "amp": "off"}
+            "ref_steps": 3 if quick else 6, "workers": 2, "amp": "off"}
 
 
 # ----------------------------------------------------------------------------------------------------- the cases
@@ -83,7 +90,8 @@ def trial_cfg(s: dict, storage: Path, teacher: Path, student: str, case: str, st
 
 
 def loop_rate(cfg: dict) -> float:
-    """Images per second of the real worker loop, between its two evaluations (the second half: warmed up)."""
+    """Images per second of the real worker loop, between its two evaluations (the second half: warmed up): the GPU
+    extras' one-shot measure."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -102,8 +110,7 @@ def loop_rate(cfg: dict) -> float:
 
 
 def _time(fn, steps: int, device) -> float:
-    for _ in range(2):
-        fn()
+    """Seconds per call of `fn` over `steps` calls (no warm-up here: the rounds are interleaved after one)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -114,35 +121,37 @@ def _time(fn, steps: int, device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def bare_rate(cfg: dict, s: dict, device, online: bool, steps: int) -> float:
-    """The student's forward + backward + Adam step on a fixed device tensor (+ the teacher's forward if online)."""
-    from distill.models.students import build_student
-    from distill.models.teachers import load_teacher
+def bare_step(trainer, online: bool):
+    """Exactly the method's work on one fixed device batch: a copy of the loop's own method object, its forward
+    (selection included) in the loop's precision, backward and an optimiser step over its own parameter groups; with
+    the teacher online, the teacher's forward on the batch's views first (as the loop's feeder does)."""
+    import copy
 
-    n = 3 * cfg["train"]["batch_size"]
-    student = build_student(cfg["student"]["backbone"], embed_dim=64, num_classes=5).to(device)
-    x = torch.randn(n, 3, s["size"], s["size"], device=device)
-    if device.type == "cuda":
-        student = student.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 5, (n,), device=device)
-    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
-    amp = torch.bfloat16 if s["amp"] == "bf16" else None
-    teacher = load_teacher(s["arch"], checkpoint=cfg["teacher"]["checkpoint"], device=str(device)) if online else None
+    from distill.trial.loop import make_optimizer
+
+    method = copy.deepcopy(trainer.method)
+    opt = make_optimizer(method.param_groups(), trainer.cfg["train"])
+    batch = trainer.feed.batch(0)   # drawn once by the loop's own feeder: same views, labels, domains, embeddings
+    x01 = trainer.feed.views(batch["idx"])[0] if online else None
+    device, amp, feed = trainer.device, trainer.amp, trainer.feed
 
     def step():
-        if teacher is not None:
-            teacher.encode_images(x.clamp(0, 1), batch_size=n, amp_dtype=amp)
+        b = batch
+        if online:
+            with torch.no_grad():
+                b = {**batch, "image_emb": feed.teacher.encode_images(x01, batch_size=len(x01),
+                                                                       amp_dtype=feed.amp_dtype).float()}
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = torch.nn.functional.cross_entropy(student(x)["logits"].float(), y)
+            loss, _ = method(b, 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return n / _time(step, steps, device)
+    return step
 
 
-def reference_rate(cfg: dict, s: dict, device, online: bool, steps: int) -> float:
-    """DomainBed's way: PIL decoding + torchvision transforms in DataLoader workers, fp32 (teacher online if any)."""
+def reference_step(cfg: dict, s: dict, device, online: bool):
+    """DomainBed's way, one step: PIL decoding + torchvision transforms in DataLoader workers, fp32, cross-entropy
+    (the teacher's forward on the batch when the case has a teacher)."""
     from PIL import Image
     from torchvision import transforms as T
 
@@ -186,7 +195,65 @@ def reference_rate(cfg: dict, s: dict, device, online: bool, steps: int) -> floa
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return n / _time(step, steps, device)
+    return step
+
+
+def interleaved(s: dict, storage: Path, teacher: Path, student: str, case: str, device, rounds: int) -> dict:
+    """One case, measured in rounds A (the loop), B (bare), C (reference) after a warm-up of each: the real loop
+    runs rounds + 1 evaluation intervals; at each of its evaluations (its first is the warm-up) B and C run inside
+    the evaluation hook. Returns every round's images/s of the three and the per-round ratios."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from distill.trial import loop
+    from distill.trial.prepare import prepare
+
+    per_round = s["steps"][student]
+    cfg = trial_cfg(s, storage, teacher, student, case, (rounds + 1) * per_round)
+    cfg["train"]["eval_every"] = per_round
+    online = case == "kd-online"
+    n = 3 * cfg["train"]["batch_size"]
+    assets = prepare(cfg)   # the world drawn, the caches: before the reference loop reads the files
+    ref = reference_step(cfg, s, device, case != "erm")   # a fork runs its teacher online
+    out: dict[str, list[float]] = {"loop": [], "bare": [], "reference": []}
+    bare: list = []
+    original = loop.Trainer._report
+
+    def hook(self, metrics, state):
+        if not bare:   # the loop's first interval was its warm-up: warm B and C up once too
+            bare.append(bare_step(self, online))
+            _time(bare[0], 2, device)
+            _time(ref, 1, device)
+            return
+        out["loop"].append(metrics["steps_per_s"] * n)
+        out["bare"].append(n / _time(bare[0], per_round, device))
+        out["reference"].append(n / _time(ref, s["ref_steps"], device))
+
+    loop.Trainer._report = hook
+    try:
+        TorchTrainer(loop.train_loop, train_loop_config={"cfg": cfg, "assets": assets, "mlflow": {}, "quiet": True},
+                     scaling_config=ray.train.ScalingConfig(num_workers=0)).fit()
+    finally:
+        loop.Trainer._report = original
+    return out
+
+
+def summarise(student: str, case: str, rounds: dict) -> dict:
+    """Medians and min-max of each rate, and the per-round ratios' median and min-max; a verdict on loop/bare only
+    when its per-round spread is within SPREAD_BOUND."""
+    def stats(values):
+        return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+                "max": round(max(values), 3)}
+
+    lb = [a / b for a, b in zip(rounds["loop"], rounds["bare"])]
+    lr = [a / c for a, c in zip(rounds["loop"], rounds["reference"])]
+    spread = (max(lb) - min(lb)) / statistics.median(lb)
+    verdict = ("unstable" if spread > SPREAD_BOUND else
+               "meets" if statistics.median(lb) >= TARGET else "below")
+    return {"student": student, "case": case, "rounds": len(lb),
+            **{f"{k}_img_per_s": stats(v) for k, v in rounds.items()},
+            "loop_vs_bare": stats(lb), "loop_vs_reference": stats(lr), "loop_vs_bare_spread": round(spread, 3),
+            "verdict": verdict, "every_round": {k: [round(x, 2) for x in v] for k, v in rounds.items()}}
 
 
 # ------------------------------------------------------------------------------------------------- extra GPU cases
@@ -219,6 +286,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--students", nargs="*", default=STUDENTS)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case after a warm-up (>= 5)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -227,38 +295,32 @@ def main(argv=None) -> int:
     s = settings(args.device, args.quick)
     device = torch.device(args.device)
     storage = Path(tempfile.mkdtemp(prefix="distill-bench-"))
+    load_start = os.getloadavg()
     t_start = time.time()
     teacher = make_teacher_checkpoint(s["arch"], storage / f"teacher-{s['arch']}.pt")
     cases = []
     for student in args.students:
         for case, _ in CASES:
-            steps = s["steps"][student]
-            cfg = trial_cfg(s, storage, teacher, student, case, steps)
-            online = case == "kd-online"
             t0 = time.time()
-            loop = loop_rate(cfg)
-            bare = bare_rate(cfg, s, device, online, max(3, steps // 3))
-            ref = reference_rate(cfg, s, device, case != "erm", s["ref_steps"])   # a fork runs its teacher online
-            row = {"student": student, "case": case, "img_per_s": round(loop, 1), "bare_img_per_s": round(bare, 1),
-                   "reference_img_per_s": round(ref, 1) if ref else None,
-                   "loop_vs_bare": round(loop / bare, 3),
-                   "loop_vs_reference": round(loop / ref, 2) if ref else None, "seconds": round(time.time() - t0, 1)}
+            row = summarise(student, case, interleaved(s, storage, teacher, student, case, device, args.rounds))
+            row["seconds"] = round(time.time() - t0, 1)
             cases.append(row)
-            print(f"{student:10s} {case:10s} loop {row['img_per_s']:8.1f}  bare {row['bare_img_per_s']:8.1f}  "
-                  f"ref {row['reference_img_per_s'] or float('nan'):8.1f}  loop/bare {row['loop_vs_bare']:.3f}  "
-                  f"loop/ref {row['loop_vs_reference'] or float('nan'):.2f}", flush=True)
+            print(f"{student:10s} {case:10s} loop {row['loop_img_per_s']['median']:8.1f}  bare "
+                  f"{row['bare_img_per_s']['median']:8.1f}  ref {row['reference_img_per_s']['median']:8.1f}  "
+                  f"loop/bare {_range(row['loop_vs_bare'])} ({row['verdict']})  "
+                  f"loop/ref {_range(row['loop_vs_reference'])}", flush=True)
     extra = {}
     if device.type == "cuda":
         extra["host_vs_gpu_resnet50_kd"] = host_vs_gpu(s, storage, teacher, device)
         extra["shared_gpu_small_cnn"] = shared_gpu(s, storage, teacher)
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
               "device_kind": args.device, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-              "load_avg_start": os.getloadavg(), "settings": s, "cases": cases, "extra": extra,
+              "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "settings": s, "rounds": args.rounds,
+              "spread_bound": SPREAD_BOUND, "target": TARGET, "cases": cases, "extra": extra,
               "seconds": round(time.time() - t_start, 1), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M")}
-    medians = {k: statistics.median(r[k] for r in cases if r[k] is not None)
-               for k in ("loop_vs_bare", "loop_vs_reference")}
-    result["median"] = medians
+    result["median"] = {k: statistics.median(r[k]["median"] for r in cases) for k in ("loop_vs_bare",
+                                                                                      "loop_vs_reference")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"loop-{args.device}.json"
@@ -268,14 +330,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def _range(r: dict, digits: int = 2) -> str:
+    return f"{r['median']:.{digits}f} [{r['min']:.{digits}f}-{r['max']:.{digits}f}]"
+
+
 def print_table(result: dict) -> None:
-    print("\n| student | case | loop img/s | bare img/s | reference img/s | loop/bare | loop/reference |")
-    print("|---|---|---|---|---|---|---|")
+    """Medians over the interleaved rounds, [min-max]; loop/bare's verdict against the target, or "unstable" when
+    its per-round spread exceeds the bound (the figure cannot meet or miss the target then)."""
+    print(f"\n{result['rounds']} interleaved rounds per case; load average {result['load_avg_start'][0]:.2f} at "
+          f"start, {result['load_avg_end'][0]:.2f} at end; verdict: loop/bare >= {result['target']} "
+          f"unless the per-round spread exceeds {result['spread_bound']:.0%}")
+    print("| student | case | loop img/s | bare img/s | reference img/s | loop/bare | verdict | loop/reference |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in result["cases"]:
-        ref = f"{r['reference_img_per_s']:.0f}" if r["reference_img_per_s"] else "–"
-        lr = f"{r['loop_vs_reference']:.2f}" if r["loop_vs_reference"] else "–"
-        print(f"| {r['student']} | {r['case']} | {r['img_per_s']:.0f} | {r['bare_img_per_s']:.0f} | {ref} | "
-              f"{r['loop_vs_bare']:.2f} | {lr} |")
+        print(f"| {r['student']} | {r['case']} | {_range(r['loop_img_per_s'], 0)} | {_range(r['bare_img_per_s'], 0)} | "
+              f"{_range(r['reference_img_per_s'], 0)} | {_range(r['loop_vs_bare'])} | {r['verdict']} "
+              f"(spread {r['loop_vs_bare_spread']:.0%}) | {_range(r['loop_vs_reference'])} |")
     for key, value in result["extra"].items():
         print(f"{key}: {value}")
 
