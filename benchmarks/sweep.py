@@ -14,8 +14,10 @@ holds), and measures:
   teacher outputs, MLflow, checkpoints, shutdown), from the phase breakdown every trial logs.
 
 It also checks the sweep's results against the rules of the sequential order: every search ran exactly its
-trials, and each held-out domain's model was selected among its own search's trials. Prints a table and writes
-``benchmarks/results/sweep-cpu[-inline][-start-ahead-N].json`` (``--launcher inline``: each trial runs in its reused
+trials, and each held-out domain's model was selected among its own search's trials. The whole sweep is run
+``--repeats`` times (3 by default, each on a fresh simulated cluster and storage, one after another); the table has a
+row per run and the median [min-max] of each figure, and the JSON keeps every run with the machine's load average at
+its start and end. Writes ``benchmarks/results/sweep-cpu[-inline][-start-ahead-N].json`` (``--launcher inline``: each trial runs in its reused
 Tune trial process instead of a TorchTrainer's four new processes; ``--start-ahead N``).
 """
 from __future__ import annotations
@@ -49,21 +51,8 @@ def sweep_yaml(storage: Path, trials: int, steps: int, nodes: int, start_ahead: 
                        "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}}}}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("``")[0].strip())
-    parser.add_argument("--nodes", type=int, default=2,
-                        help="simulated worker nodes of 1 CPU each (more than the machine's cores oversubscribes)")
-    parser.add_argument("--trials", type=int, default=4, help="trials per search (4 searches)")
-    parser.add_argument("--steps", type=int, default=300, help="optimiser steps per trial")
-    parser.add_argument("--start-ahead", type=int, default=None,
-                        help="search.start_ahead (default: the sweep's default, none for these CPU trials; N: "
-                             "N trials started before a slot frees)")
-    parser.add_argument("--launcher", choices=["train", "inline"], default="train",
-                        help="resources.launcher: a TorchTrainer per trial (train), or each trial in its reused "
-                             "Tune trial process (inline)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args(argv)
-
+def one_run(args) -> dict:
+    """One sweep on a fresh simulated cluster and storage: its figures."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -107,7 +96,7 @@ def main(argv=None) -> int:
         per_search.setdefault(r["search"], set()).add(r["trial_id"])
     selected_own = all(s["trial_id"] in per_search.get(f"{s['test_domain']}-s{s['seed']}", set())
                        for s in results["selected"]["validation"])
-    out = {"device": platform.processor() or "cpu", "cpu_count": os.cpu_count(), "nodes": args.nodes,
+    return {"device": platform.processor() or "cpu", "cpu_count": os.cpu_count(), "nodes": args.nodes,
            "slots": args.nodes, "searches": len(per_search), "trials": len(loops),
            "trials_per_search": {k: len(v) for k, v in sorted(per_search.items())},
            "steps_per_trial": args.steps, "wall_s": round(wall, 1), "sweep_s": round(total_s, 1),
@@ -122,20 +111,55 @@ def main(argv=None) -> int:
            "every_search_ran_its_trials": all(len(v) == args.trials for v in per_search.values()),
            "each_domain_selected_among_its_own_search": selected_own,
            "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("``")[0].strip())
+    parser.add_argument("--nodes", type=int, default=2,
+                        help="simulated worker nodes of 1 CPU each (more than the machine's cores oversubscribes)")
+    parser.add_argument("--trials", type=int, default=4, help="trials per search (4 searches)")
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps per trial")
+    parser.add_argument("--start-ahead", type=int, default=None,
+                        help="search.start_ahead (default: the sweep's default, none for these CPU trials; N: "
+                             "N trials started before a slot frees)")
+    parser.add_argument("--launcher", choices=["train", "inline"], default="train",
+                        help="resources.launcher: a TorchTrainer per trial (train), or each trial in its reused "
+                             "Tune trial process (inline)")
+    parser.add_argument("--repeats", type=int, default=3, help="whole sweeps run one after another (median, spread)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+
+    runs = []
+    for k in range(args.repeats):
+        print(f"[sweep benchmark] run {k + 1} of {args.repeats}", flush=True)
+        runs.append(one_run(args))
+    figures = ("wall_s", "utilisation", "fixed_s_per_trial", "slot_s_beyond_loop_per_trial", "loop_s_per_trial")
+    out = {**{k: runs[0][k] for k in ("device", "cpu_count", "nodes", "slots", "searches", "steps_per_trial",
+                                      "launcher", "start_ahead")},
+           "trials_per_search": args.trials, "repeats": len(runs),
+           "summary": {f: {"median": statistics.median(r[f] for r in runs), "min": min(r[f] for r in runs),
+                           "max": max(r[f] for r in runs)} for f in figures},
+           "every_search_ran_its_trials": all(r["every_search_ran_its_trials"] for r in runs),
+           "each_domain_selected_among_its_own_search": all(r["each_domain_selected_among_its_own_search"]
+                                                            for r in runs),
+           "runs": runs, "date": time.strftime("%Y-%m-%d %H:%M")}
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     name = "sweep-cpu" + ("-inline" if args.launcher == "inline" else "") + \
         (f"-start-ahead-{args.start_ahead}" if args.start_ahead else "")
     (dest / f"{name}.json").write_text(json.dumps(out, indent=1))
-    print("\n| launcher | nodes x CPU | searches x trials | started ahead | wall s | ideal s | utilisation | "
-          "fixed s/trial | slot s beyond the loop/trial | loop s/trial |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.launcher} | {args.nodes} x 1 | {out['searches']} x {args.trials} | {out['start_ahead']} | "
-          f"{out['wall_s']} | {out['ideal_s']} | {out['utilisation']} | {out['fixed_s_per_trial']} | "
-          f"{out['slot_s_beyond_loop_per_trial']} | {out['loop_s_per_trial']} |")
-    print(f"phases (mean s): {out['phases_mean_s']}")
+    print("\n| run | launcher | nodes x CPU | searches x trials | started ahead | wall s | ideal s | utilisation | "
+          "fixed s/trial | slot s beyond the loop/trial | loop s/trial | load at start, end |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, r in enumerate(runs, 1):
+        print(f"| {k} | {args.launcher} | {args.nodes} x 1 | {r['searches']} x {args.trials} | {r['start_ahead']} | "
+              f"{r['wall_s']} | {r['ideal_s']} | {r['utilisation']} | {r['fixed_s_per_trial']} | "
+              f"{r['slot_s_beyond_loop_per_trial']} | {r['loop_s_per_trial']} | "
+              f"{r['load_avg_start'][0]:.2f}, {r['load_avg_end'][0]:.2f} |")
+    summary = out["summary"]
+    print("median [min-max]: " + "; ".join(f"{f} {v['median']} [{v['min']}-{v['max']}]" for f, v in summary.items()))
     print(f"every search ran its trials: {out['every_search_ran_its_trials']}; each domain selected among its own "
-          f"search: {selected_own}")
+          f"search: {out['each_domain_selected_among_its_own_search']}")
     print(f"wrote {dest / f'{name}.json'}")
     return 0
 
