@@ -7,6 +7,10 @@
 #   bash docs/evidence/compare/run.sh [STORAGE]          # default ./distill_runs; resumable: rerun after a kill
 #   bash docs/evidence/compare/run.sh [STORAGE] --lodo   # the same with leave-one-domain-out runs, seed 0 only
 #                                                        # (each trial trains 1 + 3 models): compare-lodo-<method>
+#   bash docs/evidence/compare/run.sh [STORAGE] --baselines
+#       # DomainBed's baselines and MIRO (issue 20) beside ERM, the same protocol, each at its registry defaults
+#       # (fixed before any run): erm coral mmd groupdro irm mixup sagnet miro miro_teacher, trials inline
+#       # (the same weights as a TorchTrainer's, tests/test_train.py); table in docs/evidence/compare-baselines/
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 STORAGE=${1:-./distill_runs}
@@ -22,19 +26,28 @@ recipe() {   # the paper's recipe of each method, on top of compare.yaml
     vl2v) echo "teacher.online=true teacher.prompts=single student.freeze_bn=true train.averaging=swad" ;;
                                                                           # Align 400 + Distill 400 steps (two runs)
     li)   echo "teacher.prompts=li" ;;                                    # centre views, cached (precomputed)
+    coral|mmd|groupdro|irm|mixup|sagnet) ;;                               # no teacher; DomainBed's defaults
+    miro) echo "student.freeze_bn=true" ;;                                # MIRO's featurizer freezes BatchNorm
+    miro_teacher) echo "student.freeze_bn=true" ;;                        # (its oracle: the teacher's embeddings)
   esac
 }
 
-prefix=compare; out=docs/evidence/compare
+prefix=compare; out=docs/evidence/compare; methods="erm kd rise scmd vl2v li"; extra=()
 if [ "$LODO" = "--lodo" ]; then prefix=compare-lodo; out=docs/evidence/compare-lodo; fi
-for m in erm kd rise scmd vl2v li; do
+if [ "$LODO" = "--baselines" ]; then
+  out=docs/evidence/compare-baselines; methods="erm coral mmd groupdro irm mixup sagnet miro miro_teacher"
+  extra=(--set resources.launcher=inline)
+fi
+for m in $methods; do
   sets=(--set method.name=$m --set name=$prefix-$m)
   [ "$LODO" = "--lodo" ] && sets+=(--set "seeds=[0]" --set search.lodo=true)
   for s in $(recipe $m); do sets+=(--set "$s"); done
   resume=()
   [ -f "$STORAGE/$prefix-$m/sweep.json" ] && resume=(--resume)
   start=$(date +%s)
-  python -m distill.tune --space search_spaces/compare.yaml --storage "$STORAGE" "${sets[@]}" "${resume[@]}"
+  python -m distill.tune --space search_spaces/compare.yaml --storage "$STORAGE" "${sets[@]}" "${extra[@]}" \
+    "${resume[@]}"
   echo "$prefix-$m: $(( $(date +%s) - start )) s"
 done
-python -m distill.report "$STORAGE"/$prefix-{erm,kd,rise,scmd,vl2v,li} --out $out --latex
+mkdir -p $out
+python -m distill.report $(for m in $methods; do echo "$STORAGE/$prefix-$m"; done) --out $out --latex
