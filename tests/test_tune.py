@@ -449,6 +449,12 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
     # line of the trials, no cache-reuse line, no Train controller line, no Optuna study line, no Tune box
     printed = "".join(capfd.readouterr())
     assert printed.count("[distill.tune] 3/3 trials") == 1 and "trial phases" not in printed
+    # the closing lines and distill report give the one link that opens on the selected trials
+    from distill import tracking
+
+    link = tracking.sweep_link(exp.experiment_id)
+    assert f"then open {link}" in printed
+    assert report.mlflow_links([sweep_dir]) == [f"MLflow ({sweep}): distill ui {session_storage}   then open {link}"]
     assert "non-finite loss at step 1" in printed
     for noise in ("step 5/10", "reusing", "teacher cache:", "Requesting resources",
                   "Attempting to start training worker group", "A new study created", "Configuration for experiment"):
