@@ -31,8 +31,9 @@ PACS_DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]  # DomainBed's fol
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 SHARED = "/mnt/shared"  # the shared mount cluster.yaml creates on every node
 
-DISTRIBUTIONS = {"uniform", "loguniform", "int", "choice"}
-SEARCH_KEYS = {"num_samples", "max_concurrent", "start_ahead", "scheduler", "asha", "sampler_seed", "max_failures", "space"}
+DISTRIBUTIONS = {"uniform", "loguniform", "int", "logint", "choice"}
+SEARCH_KEYS = {"num_samples", "max_concurrent", "start_ahead", "scheduler", "asha", "sampler", "sampler_seed",
+               "max_failures", "space"}
 SWEEP_SECTIONS = ("search", "seeds")
 
 
@@ -278,6 +279,7 @@ def test_space_file_sweep_sections(space_file):
     assert isinstance(search["max_concurrent"], int) and search["max_concurrent"] >= 1
     assert isinstance(search.get("sampler_seed", 0), int)
     assert search.get("scheduler", "none") in ("none", "asha")
+    assert search.get("sampler", "tpe") in ("tpe", "random")
     if search.get("scheduler") == "asha":
         asha = search["asha"]
         assert set(asha) <= {"grace_period", "reduction_factor"}
@@ -304,11 +306,11 @@ def test_space_distributions_are_well_formed(space_file):
         else:
             assert isinstance(args, list) and len(args) == 2, f"{key}: {kind} needs [low, high]"
             low, high = args
-            numbers = (int,) if kind == "int" else (int, float)
+            numbers = (int,) if kind in ("int", "logint") else (int, float)
             assert all(isinstance(v, numbers) and not isinstance(v, bool) for v in args), f"{key}: {args}"
             assert low < high, f"{key}: low must be below high"
-            if kind == "loguniform":
-                assert low > 0, f"{key}: loguniform needs low > 0"
+            if kind in ("loguniform", "logint"):
+                assert low > 0, f"{key}: {kind} needs low > 0"
         if not key.startswith("method.") or key == "method.name":
             assert get_dotted(DEFAULTS, key, default=KeyError) is not KeyError, f"{key}: not a config key"
         for cond_key, cond_value in (spec.get("when") or {}).items():
@@ -433,8 +435,12 @@ def test_all_yaml_chooses_every_method_with_the_union_of_hyperparameters():
 
     raw, sweep = _load_space_file(SPACES_DIR / "all.yaml")
     space = sweep["search"]["space"]
-    assert space["method.name"]["choice"] == PER_METHOD
-    assert set(PER_METHOD) <= set(REGISTRY)
+    # the papers' methods (each with its own file), then the teacher-free baselines (dg-baselines.yaml) and MIRO
+    baselines = ["coral", "mmd", "groupdro", "irm", "mixup", "sagnet", "miro", "miro_teacher"]
+    assert space["method.name"]["choice"] == PER_METHOD + baselines
+    assert set(space["method.name"]["choice"]) == set(REGISTRY)   # every registered method
+    _, dg = _load_space_file(SPACES_DIR / "dg-baselines.yaml")
+    assert {k for k in dg["search"]["space"] if k.startswith("method.") and k != "method.name"} <= set(space)
     per_method = set()
     for name in PER_METHOD:
         _, s = _load_space_file(SPACES_DIR / f"{name}.yaml")
