@@ -453,7 +453,7 @@ def test_tiny_sweep_end_to_end(ray_session, session_storage, tmp_path, monkeypat
     from distill import tracking
 
     link = tracking.sweep_link(exp.experiment_id)
-    assert f"then open {link}" in printed
+    assert f"MLflow:  distill ui {session_storage}   then open {link}" in printed
     assert report.mlflow_links([sweep_dir]) == [f"MLflow ({sweep}): distill ui {session_storage}   then open {link}"]
     assert "non-finite loss at step 1" in printed
     for noise in ("step 5/10", "reusing", "teacher cache:", "Requesting resources",

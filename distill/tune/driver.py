@@ -238,7 +238,9 @@ def mlflow_lines(plan: Plan) -> str:
     if uri.startswith(("http://", "https://")):
         return f"  MLflow:  {tracking.sweep_link(exp_id, uri)}"
     storage = plan.cfg["storage"]
-    serve = "distill ui" + ("" if os.environ.get("MLFLOW_TRACKING_URI") else f" {storage}")
+    # (MLFLOW_TRACKING_URI is set in this process by then, whatever the user's shell has: say which store)
+    own = uri == tracking.sqlite_uri(Path(storage) / "mlflow.db")
+    serve = f"distill ui {storage}" if own else f"MLFLOW_TRACKING_URI={uri} distill ui"
     return f"  MLflow:  {serve}   then open {tracking.sweep_link(exp_id)}"
 
 
