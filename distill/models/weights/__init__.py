@@ -71,11 +71,13 @@ def file_lock(path: str | os.PathLike):
 
 
 def ensure_file(path: Path, produce, reusing: str | None = None, log=print) -> Path:
-    """``path`` when it exists (logging ``reusing``), else ``produce()`` (which writes it) under ``path.lock``,
-    re-checked inside the lock: concurrent drivers produce a cached model once."""
+    """``path`` when it exists (saying ``reusing`` with --verbose only: reusing a cache is not news; ``log=None``
+    never), else ``produce()`` (which writes it) under ``path.lock``, re-checked inside the lock: concurrent drivers
+    produce a cached model once. (Not a test of ``log is print``: Ray Train replaces ``builtins.print`` in a process
+    that has run a trainer, and the default argument would then no longer be it.)"""
     if path.is_file():
-        if log and reusing:   # the default (print) is quiet unless verbose: reusing a cache is not news
-            (say if log is print else log)(reusing)
+        if log is not None and reusing:
+            say(reusing)
         return path
     with file_lock(path.with_name(path.name + ".lock")):
         if not path.is_file():
