@@ -10,7 +10,8 @@
 #   bash docs/evidence/compare/run.sh [STORAGE] --baselines
 #       # DomainBed's baselines and MIRO (issue 20) beside ERM, the same protocol, each at its registry defaults
 #       # (fixed before any run): erm coral mmd groupdro irm mixup sagnet miro miro_teacher, trials inline
-#       # (the same weights as a TorchTrainer's, tests/test_train.py); table in docs/evidence/compare-baselines/
+#       # (the same weights as a TorchTrainer's, tests/test_train.py); table in docs/evidence/compare-baselines/;
+#       # a sweep kept under <table dir>/sweeps/ (committed rows, docs/evidence/sweeps.py) is not run again
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 STORAGE=${1:-./distill_runs}
@@ -38,7 +39,12 @@ if [ "$LODO" = "--baselines" ]; then
   out=docs/evidence/compare-baselines; methods="erm coral mmd groupdro irm mixup sagnet miro miro_teacher"
   extra=(--set resources.launcher=inline)
 fi
+dirs=()
 for m in $methods; do
+  if [ -f "$out/sweeps/$prefix-$m/trials.jsonl" ]; then   # kept from an earlier session (committed): not run again
+    dirs+=("$out/sweeps/$prefix-$m"); echo "$prefix-$m: kept"; continue
+  fi
+  dirs+=("$STORAGE/$prefix-$m")
   sets=(--set method.name=$m --set name=$prefix-$m)
   [ "$LODO" = "--lodo" ] && sets+=(--set "seeds=[0]" --set search.lodo=true)
   for s in $(recipe $m); do sets+=(--set "$s"); done
@@ -50,4 +56,4 @@ for m in $methods; do
   echo "$prefix-$m: $(( $(date +%s) - start )) s"
 done
 mkdir -p $out
-python -m distill.report $(for m in $methods; do echo "$STORAGE/$prefix-$m"; done) --out $out --latex
+python -m distill.report "${dirs[@]}" --out $out --latex
