@@ -386,11 +386,7 @@ def mlflow_links(paths) -> list[str]:
             continue
         if exp is None:
             continue
-        if uri.startswith(("http://", "https://")):
-            lines.append(f"MLflow ({name}): {tracking.sweep_link(exp.experiment_id, uri)}")
-        else:
-            lines.append(f"MLflow ({name}): distill ui {plan.get('storage')}   then open "
-                         f"{tracking.sweep_link(exp.experiment_id)}")
+        lines.append(f"MLflow ({name}): {tracking.open_sweep(uri, str(plan.get('storage')), exp.experiment_id)}")
     return lines
 
 

@@ -48,6 +48,16 @@ def sweep_link(experiment_id: str, base: str = f"http://127.0.0.1:{UI_PORT}") ->
         f"{k}={quote(v, safe='')}" for k, v in query.items())
 
 
+def open_sweep(uri: str, storage: str, experiment_id: str) -> str:
+    """How to open a sweep's answer: on a tracking server, its link; on a sqlite store, the `distill ui` that serves
+    it (naming the store when it is not the storage's own) and the link."""
+    if uri.startswith(("http://", "https://")):
+        return sweep_link(experiment_id, uri)
+    own = uri == sqlite_uri(Path(storage) / "mlflow.db")
+    serve = f"distill ui {storage}" if own else f"MLFLOW_TRACKING_URI={uri} distill ui"
+    return f"{serve}   then open {sweep_link(experiment_id)}"
+
+
 def client(uri: str):
     import mlflow
 

@@ -233,15 +233,9 @@ def teacher_report(plan: Plan) -> dict:
 def mlflow_lines(plan: Plan) -> str:
     """Where the sweep's answer is in MLflow: one link, opening on its selected trials (an sqlite store: served by
     `distill ui` on this machine's loopback; a tracking server: on it)."""
+    # (MLFLOW_TRACKING_URI is set in this process by then, whatever the user's shell has: the line names the store)
     uri = plan.tracking_uri
-    exp_id = tracking.experiment_id(uri, plan.name)
-    if uri.startswith(("http://", "https://")):
-        return f"  MLflow:  {tracking.sweep_link(exp_id, uri)}"
-    storage = plan.cfg["storage"]
-    # (MLFLOW_TRACKING_URI is set in this process by then, whatever the user's shell has: say which store)
-    own = uri == tracking.sqlite_uri(Path(storage) / "mlflow.db")
-    serve = f"distill ui {storage}" if own else f"MLFLOW_TRACKING_URI={uri} distill ui"
-    return f"  MLflow:  {serve}   then open {tracking.sweep_link(exp_id)}"
+    return f"  MLflow:  {tracking.open_sweep(uri, plan.cfg['storage'], tracking.experiment_id(uri, plan.name))}"
 
 
 def _load_state(plan: Plan) -> dict | None:
