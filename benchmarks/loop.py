@@ -45,6 +45,7 @@ CASES = [("erm", {}), ("kd", {}), ("kd-online", {"teacher.online": True}), ("scm
 STUDENTS = ["small_cnn", "resnet18", "resnet50"]
 SPREAD_BOUND = 0.10   # per-round loop/bare spread above which a case reports "unstable" instead of a verdict
 TARGET = 0.9          # loop/bare the loop should reach
+REF_SETTLE = 1.0      # seconds after C's round (untimed) for its DataLoader workers to finish prefetching
 
 
 def settings(device: str, quick: bool) -> dict:
@@ -52,7 +53,7 @@ def settings(device: str, quick: bool) -> dict:
         return {"size": 224, "store": 256, "batch": 32, "per_class": 24, "arch": "ViT-B-16",
                 "steps": {"small_cnn": 60, "resnet18": 40, "resnet50": 20}, "ref_steps": 10,   # per round
                 "workers": 8, "amp": "bf16"}
-    steps = {"small_cnn": 24, "resnet18": 8, "resnet50": 4}   # per round
+    steps = {"small_cnn": 64, "resnet18": 12, "resnet50": 4}   # per round: ~2.5-4 s each on two cores
     if quick:
         steps = {k: max(2, v // 4) for k, v in steps.items()}
     return {"size": 32, "store": 32, "batch": 32, "per_class": 40, "arch": "distill-tiny-rn", "steps": steps,
@@ -109,13 +110,14 @@ def loop_rate(cfg: dict) -> float:
     return rows[-1]["steps_per_s"] * 3 * cfg["train"]["batch_size"]
 
 
-def _time(fn, steps: int, device) -> float:
-    """Seconds per call of `fn` over `steps` calls (no warm-up here: the rounds are interleaved after one)."""
+def _time(fn, steps: int, device, first: int = 0) -> float:
+    """Seconds per call of `fn(step)` for steps first .. first + steps - 1 (no warm-up here: the rounds are
+    interleaved after one)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
+    for step in range(first, first + steps):
+        fn(step)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
@@ -124,7 +126,9 @@ def _time(fn, steps: int, device) -> float:
 def bare_step(trainer, online: bool):
     """Exactly the method's work on one fixed device batch: a copy of the loop's own method object, its forward
     (selection included) in the loop's precision, backward and an optimiser step over its own parameter groups; with
-    the teacher online, the teacher's forward on the batch's views first (as the loop's feeder does)."""
+    the teacher online, the teacher's forward on the batch's views first (as the loop's feeder does). It is called
+    with the step numbers of the loop's round it is compared with: a method whose work depends on the step does the
+    same work (SCMD selects its hardest samples for the first 1-k of training and uses the full batch after)."""
     import copy
 
     from distill.trial.loop import make_optimizer
@@ -135,14 +139,14 @@ def bare_step(trainer, online: bool):
     x01 = trainer.feed.views(batch["idx"])[0] if online else None
     device, amp, feed = trainer.device, trainer.amp, trainer.feed
 
-    def step():
+    def step(index: int):
         b = batch
         if online:
             with torch.no_grad():
                 b = {**batch, "image_emb": feed.teacher.encode_images(x01, batch_size=len(x01),
                                                                        amp_dtype=feed.amp_dtype).float()}
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = method(b, 0)
+            loss, _ = method(b, index)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -181,7 +185,7 @@ def reference_step(cfg: dict, s: dict, device, online: bool):
     teacher = load_teacher(s["arch"], checkpoint=cfg["teacher"]["checkpoint"], device=str(device)) if online else None
     it = iter(loader)
 
-    def step():
+    def step(index: int):
         nonlocal it
         try:
             x, y = next(it)
@@ -220,14 +224,16 @@ def interleaved(s: dict, storage: Path, teacher: Path, student: str, case: str, 
     original = loop.Trainer._report
 
     def hook(self, metrics, state):
+        first = int(metrics["step"]) - per_round   # the loop's round just measured: its steps first .. step - 1
         if not bare:   # the loop's first interval was its warm-up: warm B and C up once too
             bare.append(bare_step(self, online))
-            _time(bare[0], 2, device)
+            _time(bare[0], 2, device, first)
             _time(ref, 1, device)
-            return
-        out["loop"].append(metrics["steps_per_s"] * n)
-        out["bare"].append(n / _time(bare[0], per_round, device))
-        out["reference"].append(n / _time(ref, s["ref_steps"], device))
+        else:
+            out["loop"].append(metrics["steps_per_s"] * n)
+            out["bare"].append(n / _time(bare[0], per_round, device, first))
+            out["reference"].append(n / _time(ref, s["ref_steps"], device))
+        time.sleep(REF_SETTLE)   # C's DataLoader workers refill their prefetch queue now, not during the next A
 
     loop.Trainer._report = hook
     try:
