@@ -14,6 +14,9 @@ hyperparameters with the distributions its registry declares (``Method.search_sp
   class predicted, after 2 evaluation rounds = 100 steps of the last stage).
 - Selection by source-domain validation over all trials and evaluation steps (DomainBed's training-domain validation).
 - ``erm-equal-steps``: ERM with 800 steps, VL2V's two stages together, so that no method wins by budget.
+- Then DomainBed's baselines and MIRO (issue 20), each over its registry space, the same budget: coral, mmd,
+  groupdro, irm, mixup, sagnet, miro, miro_teacher (rows added after the first two had finished; their recipes are
+  docs/evidence/compare/run.sh --baselines', fixed before any of their runs).
 - Two single-core trials at a time (2-core machine), ``resources.launcher: inline`` (no per-trial processes: ~2.5x
   less wall time than a TorchTrainer per trial on this machine, docs performance page).
 
@@ -49,9 +52,15 @@ RECIPES = {
     "vl2v": ["teacher.online=true", "teacher.prompts=single", "student.freeze_bn=true", "train.averaging=swad"],
     "li": ["teacher.prompts=li"],
 }
+# issue 20's baselines, after the rows above (as docs/evidence/compare/run.sh --baselines): no teacher, or MIRO's
+# featurizer with frozen BatchNorm (its oracle the initial backbone, or the teacher's image embedding)
+BASELINES = {m: [] for m in ("coral", "mmd", "groupdro", "irm", "mixup", "sagnet")}
+BASELINES.update(miro=["student.freeze_bn=true"], miro_teacher=["student.freeze_bn=true"])
 # sweep name -> (method, extra --set lines): the rows of the table, in order
 ROWS = {f"tuned-{m}": (m, []) for m in RECIPES}
 ROWS["tuned-erm-equal-steps"] = ("erm", ["train.steps=800"])   # Align 400 + Distill 400 of VL2V
+ROWS.update({f"tuned-{m}": (m, []) for m in BASELINES})
+RECIPES.update(BASELINES)
 
 
 def space(method: str) -> dict:
