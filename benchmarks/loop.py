@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--students", nargs="*", default=STUDENTS)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case after a warm-up (>= 5)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case after a warm-up (>= 5)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
