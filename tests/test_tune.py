@@ -608,3 +608,45 @@ def test_one_experiment_routes_each_new_trial_to_the_least_advanced_search(tmp_p
     assert got[0]["train.lr"] == got[1]["train.lr"] == got[2]["train.lr"]
     restored = pickle.loads(pickle.dumps(searcher))
     assert restored.count == searcher.count and restored.owner == searcher.owner
+
+
+def test_searcher_tells_optuna_each_training_step_once(tmp_path):
+    """A resumed trial starts Tune's iteration count again at 1 and replays steps already told: Optuna hears each
+    evaluation once, keyed by the trial's training step, with no 'already reported' warning."""
+    from distill.tune.searcher import SweepSearcher
+
+    data = tiny(tmp_path, "steps", search={"num_samples": 1, "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}})
+    plan = tune.make_plan(write(tmp_path, data))
+    name = tune.search_name(*plan.searches()[0])
+    searcher = SweepSearcher([name], plan.space, 1, 0, "steps")
+    searcher.suggest("t0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        searcher.on_trial_result("t0", {tune.METRIC: 0.5, "step": 50, "training_iteration": 1})
+        searcher.on_trial_result("t0", {tune.METRIC: 0.6, "step": 100, "training_iteration": 2})
+        restored = pickle.loads(pickle.dumps(searcher))   # the driver killed and the sweep resumed
+        restored.on_trial_result("t0", {tune.METRIC: 0.6, "step": 100, "training_iteration": 1})   # replayed
+        restored.on_trial_result("t0", {tune.METRIC: 0.7, "step": 150, "training_iteration": 2})
+    assert restored.study(name).get_trials()[0].intermediate_values == {50: 0.5, 100: 0.6, 150: 0.7}
+
+
+def test_progress_line_times_this_run_only(tmp_path):
+    """A resumed sweep's elapsed time and ETA count from its own start and the trials it ended, not from the first
+    session's start (the gap between sessions is not work)."""
+    from distill.tune.trainable import TrialLog
+
+    path = tmp_path / "trials.jsonl"
+    old = time.time() - 7200   # an earlier session, two hours ago
+    rows = [{"event": "eval", "search": "photo-s0", "trial_id": f"a{i}", "test_domain": "photo", "val_acc": 0.9,
+             "timestamp": old, "time_total_s": 60} for i in range(2)]
+    rows += [{"event": "end", "search": "photo-s0", "trial_id": f"a{i}"} for i in range(2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = TrialLog(str(path), "s", {"photo-s0": ("photo", 0)}, "erm", 100, num_samples=6)
+    assert "ETA –" in log.progress() and "(this run)" in log.progress()   # nothing ended in this run yet
+    log.started -= 100   # this run has been going for 100 s and ends one trial: 3 left at 100 s each
+    with path.open("a") as f:
+        f.write(json.dumps({"event": "end", "search": "photo-s0", "trial_id": "b0"}) + "\n")
+    line = log.progress()
+    assert "3/6 trials" in line and "elapsed 1m40s (this run), ETA 5m00s" in line, line
+    fresh = TrialLog(str(tmp_path / "new.jsonl"), "s", {"photo-s0": ("photo", 0)}, "erm", 100, num_samples=6)
+    assert "(this run)" not in fresh.progress()

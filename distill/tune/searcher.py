@@ -83,8 +83,19 @@ class SweepSearcher(Searcher):
         return {**config, SEARCH_KEY: name, INDEX_KEY: self.index[trial_id]}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.owner and not result.get(FAILED):
-            self.subs[self.owner[trial_id]].on_trial_result(trial_id, result)
+        """An evaluation, told to its search's study as an intermediate value at the trial's training step (not at
+        Tune's iteration count, which starts again at 1 when a trial resumes from its checkpoint); a step already
+        told (a resumed trial replaying its history) is not told again (Optuna would keep the first and warn)."""
+        if trial_id not in self.owner or result.get(FAILED):
+            return
+        step = result.get("step")
+        reported = self.__dict__.setdefault("reported", {})   # trial -> last step told (a searcher of an older pickle)
+        if isinstance(step, int):
+            if step <= reported.get(trial_id, -1):
+                return
+            reported[trial_id] = step
+            result = {**result, "training_iteration": step}
+        self.subs[self.owner[trial_id]].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.owner:

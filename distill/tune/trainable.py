@@ -184,6 +184,9 @@ class TrialLog(Callback):
         self.base_method, self.steps = base_method, steps
         self.storage = storage   # where the trials' checkpoints may be read from (the sweep's Train runs)
         self.num_samples = num_samples
+        # this driver's start and the trials ended before it (a resumed sweep): elapsed and ETA are this run's own
+        self.started = time.time()
+        self.ended_before = len(self._ends())
 
     def _common(self, trial) -> dict:
         search = (trial.config or {}).get(SEARCH_KEY)
@@ -234,7 +237,7 @@ class TrialLog(Callback):
         from ..report import read_jsonl
 
         rows = read_jsonl(self.path)
-        ends = {(r.get("search"), r.get("trial_id")) for r in rows if r.get("event") == "end"}
+        ends = self._ends(rows)
         total = self.num_samples * len(self.searches)
         done_per = {}
         for search, _ in ends:
@@ -244,12 +247,20 @@ class TrialLog(Callback):
         for r in rows:
             if r.get("event") == "eval" and r.get("selectable", True) and isinstance(r.get("val_acc"), float):
                 best[r["test_domain"]] = max(best.get(r["test_domain"], 0.0), r["val_acc"])
-        starts = [r["timestamp"] - r.get("time_total_s", 0) for r in rows if isinstance(r.get("timestamp"), (int, float))]
-        elapsed = time.time() - min(starts) if starts else 0.0
-        eta = elapsed / len(ends) * (total - len(ends)) if ends else float("nan")
+        elapsed = time.time() - self.started
+        ended_here = len(ends) - self.ended_before
+        eta = elapsed / ended_here * (total - len(ends)) if ended_here > 0 else float("nan")
         best_text = ", ".join(f"{d} {100 * v:.1f}" for d, v in sorted(best.items())) or "–"
+        this_run = " (this run)" if self.ended_before else ""
         return (f"[distill.tune] {len(ends)}/{total} trials, {searches_done}/{len(self.searches)} searches done; "
-                f"best source-val so far: {best_text}; elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
+                f"best source-val so far: {best_text}; elapsed {_clock(elapsed)}{this_run}, ETA {_clock(eta)}")
+
+    def _ends(self, rows: list[dict] | None = None) -> set:
+        """(search, trial) of every trial ended so far (trials.jsonl's end events)."""
+        from ..report import read_jsonl
+
+        rows = read_jsonl(self.path) if rows is None else rows
+        return {(r.get("search"), r.get("trial_id")) for r in rows if r.get("event") == "end"}
 
     def _reconcile(self, trial) -> None:
         """The trial's evaluation rows, made exactly those of the run that produced its last checkpoint (whose
