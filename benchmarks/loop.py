@@ -1,4 +1,5 @@
-"""The training loop against its limits: ``python benchmarks/loop.py [--device cpu|cuda] [--quick] [--rounds N]``.
+"""The training loop against its limits: ``python benchmarks/loop.py [--device cpu|cuda] [--quick] [--rounds N]``;
+``python benchmarks/loop.py --compare A.json B.json`` checks that two runs repeat (each case within ±0.05).
 
 For each student (small_cnn, resnet18, resnet50) and method case (erm; kd with the cached teacher; kd with the
 teacher online; scmd), in images per second (3 source domains x batch per step), measured INTERLEAVED in one process:
@@ -294,7 +295,11 @@ def main(argv=None) -> int:
     parser.add_argument("--students", nargs="*", default=STUDENTS)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case after a warm-up (>= 5)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                        help="measure nothing: compare two runs' loop/bare medians case by case (repeatability)")
     args = parser.parse_args(argv)
+    if args.compare:
+        return compare(*args.compare)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if args.device == "cpu":
         torch.set_num_threads(1)   # one trial per core, as the sweeps run on a CPU
@@ -334,6 +339,39 @@ def main(argv=None) -> int:
     print_table(result)
     print(f"wrote {path} ({result['seconds']:.0f}s)")
     return 0
+
+
+REPEAT_BOUND = 0.05   # two runs of the same cases agree when every case's loop/bare median is within this
+CEILING = 1.05        # a loop/bare median above this means the bare step does less work than the loop
+
+
+def compare(path_a: str, path_b: str) -> int:
+    """Two runs' loop/bare medians side by side: each case's difference against REPEAT_BOUND, and any median above
+    CEILING. Exit status 0 when both hold for every case, 1 otherwise."""
+    a, b = (json.loads(Path(p).read_text()) for p in (path_a, path_b))
+    key = lambda r: (r["student"], r["case"])   # noqa: E731
+    rows_b = {key(r): r for r in b["cases"]}
+    print(f"A: {path_a} ({a.get('date', '?')}, {a.get('rounds', '?')} rounds, load {a['load_avg_start'][0]:.2f}-"
+          f"{a['load_avg_end'][0]:.2f})\nB: {path_b} ({b.get('date', '?')}, {b.get('rounds', '?')} rounds, load "
+          f"{b['load_avg_start'][0]:.2f}-{b['load_avg_end'][0]:.2f})")
+    print("| student | case | loop/bare A | loop/bare B | B - A | |\n|---|---|---|---|---|---|")
+    bad = 0
+    for r in a["cases"]:
+        other = rows_b.get(key(r))
+        if other is None:
+            print(f"| {r['student']} | {r['case']} | {_range(r['loop_vs_bare'])} | – | – | not in B |")
+            bad += 1
+            continue
+        diff = other["loop_vs_bare"]["median"] - r["loop_vs_bare"]["median"]
+        problems = [f"differs by more than {REPEAT_BOUND}"] if abs(diff) > REPEAT_BOUND + 1e-9 else []
+        problems += [f"above {CEILING}"] if max(r["loop_vs_bare"]["median"],
+                                                 other["loop_vs_bare"]["median"]) > CEILING else []
+        bad += bool(problems)
+        print(f"| {r['student']} | {r['case']} | {_range(r['loop_vs_bare'])} | {_range(other['loop_vs_bare'])} | "
+              f"{diff:+.3f} | {'; '.join(problems) or 'ok'} |")
+    print(f"{len(a['cases']) - bad} of {len(a['cases'])} cases repeat within ±{REPEAT_BOUND} and stay at or below "
+          f"{CEILING}")
+    return 1 if bad else 0
 
 
 def _range(r: dict, digits: int = 2) -> str:

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,20 @@ def set_dotted(cfg: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading exponent floats without a dot (``3e-3``, ``1e4``) as numbers, as YAML 1.2 and
+    Python do: under YAML 1.1 they are strings, so ``lr: 3e-3`` would fail the schema's number check."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """A config file's or a --set value's YAML (safe: plain data only)."""
+    return yaml.load(text, Loader=_Loader)   # noqa: S506 - _Loader is a SafeLoader
+
+
 def parse_overrides(items: list[str] | None) -> tuple[dict[str, Any], list[str]]:
     """`a.b=value` strings -> {dotted key: YAML-parsed value}, plus problems."""
     out, problems = {}, []
@@ -191,7 +206,7 @@ def parse_overrides(items: list[str] | None) -> tuple[dict[str, Any], list[str]]
             problems.append(f"--set {item!r}: expected dotted.key=value")
             continue
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            out[key.strip()] = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             problems.append(f"--set {item!r}: value is not valid YAML ({exc})")
     return out, problems
@@ -458,7 +473,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
     return raw

@@ -102,3 +102,15 @@ def test_recipe_options_are_checked_before_anything_runs():
                          ({"train": {"device_data": "disk"}}, "train.device_data: 'disk' is not one of")]:
         with pytest.raises(ConfigError, match=message):
             build_config(raw)
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """`--set train.lr=3e-3` and `lr: 3e-3` in a file are numbers (YAML 1.1 would read strings and fail the schema);
+    quoted, or not a number, they stay strings."""
+    values, problems = parse_overrides(["train.lr=3e-3", "a=1e4", "b=-2E-5", "c='3e-3'", "d=3e", "e=10", "f=1.0e-3"])
+    assert not problems
+    assert values == {"train.lr": 0.003, "a": 10000.0, "b": -2e-05, "c": "3e-3", "d": "3e", "e": 10, "f": 0.001}
+    assert isinstance(values["e"], int)
+    path = tmp_path / "t.yaml"
+    path.write_text("dataset: {name: synth}\ntrain: {lr: 3e-3}\n")
+    assert load_config(path)["train"]["lr"] == 0.003
