@@ -61,6 +61,7 @@ class SweepSearcher(Searcher):
         self.count = {name: 0 for name in searches}
         self.owner: dict[str, str] = {}
         self.index: dict[str, int] = {}
+        self.reported: dict[str, int] = {}   # trial -> the last training step told to its study
         self.export_db = export_db   # a copy of each study for inspection, refreshed as its trials finish
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -89,11 +90,10 @@ class SweepSearcher(Searcher):
         if trial_id not in self.owner or result.get(FAILED):
             return
         step = result.get("step")
-        reported = self.__dict__.setdefault("reported", {})   # trial -> last step told (a searcher of an older pickle)
         if isinstance(step, int):
-            if step <= reported.get(trial_id, -1):
+            if step <= self.reported.get(trial_id, -1):
                 return
-            reported[trial_id] = step
+            self.reported[trial_id] = step
             result = {**result, "training_iteration": step}
         self.subs[self.owner[trial_id]].on_trial_result(trial_id, result)
 

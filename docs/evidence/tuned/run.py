@@ -17,8 +17,8 @@ hyperparameters with the distributions its registry declares (``Method.search_sp
 - Then DomainBed's baselines and MIRO (issue 20), each over its registry space, the same budget: coral, mmd,
   groupdro, irm, mixup, sagnet, miro, miro_teacher (rows added after the first two had finished; their recipes are
   docs/evidence/compare/run.sh --baselines', fixed before any of their runs).
-- Two single-core trials at a time (2-core machine), ``resources.launcher: inline`` (no per-trial processes: ~2.5x
-  less wall time than a TorchTrainer per trial on this machine, docs performance page).
+- Two single-core trials at a time (2-core machine), ``resources.launcher: inline`` (no per-trial processes: half the
+  wall time of a TorchTrainer per trial on this machine, docs performance page).
 
     python docs/evidence/tuned/run.py [--storage DIR] [--only erm,kd]   # resumable: run it again after a kill
     python docs/evidence/tuned/run.py --report                          # the table from what has finished
