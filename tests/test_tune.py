@@ -628,6 +628,11 @@ def test_searcher_tells_optuna_each_training_step_once(tmp_path):
         restored.on_trial_result("t0", {tune.METRIC: 0.6, "step": 100, "training_iteration": 1})   # replayed
         restored.on_trial_result("t0", {tune.METRIC: 0.7, "step": 150, "training_iteration": 2})
     assert restored.study(name).get_trials()[0].intermediate_values == {50: 0.5, 100: 0.6, 150: 0.7}
+    # a sweep started before the searcher kept `reported` resumes (Tuner.restore unpickles it without __init__)
+    del searcher.reported
+    older = pickle.loads(pickle.dumps(searcher))
+    older.on_trial_result("t0", {tune.METRIC: 0.8, "step": 200, "training_iteration": 1})
+    assert older.study(name).get_trials()[0].intermediate_values[200] == 0.8
 
 
 def test_progress_line_times_this_run_only(tmp_path):

@@ -118,7 +118,13 @@ class SweepSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            self.__setstate__(pickle.load(f))
+
+    def __setstate__(self, state: dict) -> None:
+        """Also how `Tuner.restore` unpickles the searcher it saved with the experiment (no __init__): a sweep
+        started before an attribute existed gets it empty."""
+        self.__dict__.update(state)
+        self.__dict__.setdefault("reported", {})
 
 
 class PerSearchScheduler(TrialScheduler):
