@@ -653,5 +653,9 @@ def test_progress_line_times_this_run_only(tmp_path):
         f.write(json.dumps({"event": "end", "search": "photo-s0", "trial_id": "b0"}) + "\n")
     line = log.progress()
     assert "3/6 trials" in line and "elapsed 1m40s (this run), ETA 5m00s" in line, line
+    # on --resume, Tune uses the callback it stored with the experiment: unpickled, its clock is this run's
+    log.started = old
+    resumed = pickle.loads(pickle.dumps(log))
+    assert resumed.ended_before == 3 and "elapsed 0m00s (this run), ETA –" in resumed.progress(), resumed.progress()
     fresh = TrialLog(str(tmp_path / "new.jsonl"), "s", {"photo-s0": ("photo", 0)}, "erm", 100, num_samples=6)
     assert "(this run)" not in fresh.progress()

@@ -184,9 +184,18 @@ class TrialLog(Callback):
         self.base_method, self.steps = base_method, steps
         self.storage = storage   # where the trials' checkpoints may be read from (the sweep's Train runs)
         self.num_samples = num_samples
-        # this driver's start and the trials ended before it (a resumed sweep): elapsed and ETA are this run's own
+        self._start_clock()
+
+    def _start_clock(self) -> None:
+        """This driver's start and the trials ended before it: elapsed and ETA are this run's own."""
         self.started = time.time()
         self.ended_before = len(self._ends())
+
+    def __setstate__(self, state: dict) -> None:
+        """A resumed sweep: `Tuner.restore` unpickles the callback stored with the experiment (no __init__), whose
+        clock is the first run's; it starts again here."""
+        self.__dict__.update(state)
+        self._start_clock()
 
     def _common(self, trial) -> dict:
         search = (trial.config or {}).get(SEARCH_KEY)
