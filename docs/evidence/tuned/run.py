@@ -22,6 +22,7 @@ hyperparameters with the distributions its registry declares (``Method.search_sp
 
     python docs/evidence/tuned/run.py [--storage DIR] [--only erm,kd]   # resumable: run it again after a kill
     python docs/evidence/tuned/run.py --report                          # the table from what has finished
+                                                                        # + fixed-vs-tuned.md (summary.py)
 
 Each finished sweep's rows, plan, teacher and trial seconds are copied to docs/evidence/tuned/sweeps/<sweep>/
 (committed; a later run skips it: docs/evidence/sweeps.py); the table, docs/evidence/tuned/{results.md,results.json,
@@ -37,6 +38,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent
 sys.path.insert(0, str(OUT.parent))
+sys.path.insert(0, str(OUT))
 from sweeps import REPO, done, run  # noqa: E402  (docs/evidence/sweeps.py)
 
 SPACE_FILE = REPO / "search_spaces" / "compare.yaml"
@@ -87,6 +89,9 @@ def report() -> None:
     subprocess.check_call([sys.executable, "-m", "distill.report", *dirs, "--out", str(OUT), "--latex",
                            "--baseline", "erm [tuned-erm]" if len([d for d in dirs if "tuned-erm" in d]) > 1
                            else "erm"], cwd=REPO)
+    import summary   # docs/evidence/tuned/summary.py: fixed-vs-tuned.{md,json}
+
+    summary.main()
 
 
 def main() -> None:
