@@ -44,3 +44,23 @@ def test_the_docs_site_builds_strict(tmp_path):
         documented |= set(re.findall(r"<!-- distill:hparams (\w+) -->", page.read_text()))
         assert page.name == "index.md" or f"methods/{page.name}" in nav, page
     assert documented == set(REGISTRY)   # every registered method has its page and its hyperparameter table
+
+
+def test_the_readme_shows_the_table_the_demo_printed():
+    """The README's demo table is the one a run of the demo wrote (docs/evidence/demo/results.md, copied from a
+    fresh clone's distill_runs/demo/), and that run swept the methods demo.yaml sweeps now: changing the demo without
+    running it again and refreshing the record fails here."""
+    import yaml
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## What you will see", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) >= 4, section
+    record = (REPO / "docs" / "evidence" / "demo" / "results.md").read_text()
+    main_table = record.split("**Training-domain validation**", 1)[1].split("**", 1)[0]
+    missing = [row for row in rows if row not in main_table.splitlines()]
+    assert not missing, f"README rows not in the recorded demo's main table: {missing}"
+    space = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())["search"]["space"]
+    methods = space["method.name"]["choice"]
+    recorded = [line.split(" | ")[0].removeprefix("| ") for line in main_table.splitlines() if line.startswith("| ")]
+    assert [m for m in recorded if m in methods] == methods, (recorded, methods)
