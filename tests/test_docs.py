@@ -64,3 +64,27 @@ def test_the_readme_shows_the_table_the_demo_printed():
     methods = space["method.name"]["choice"]
     recorded = [line.split(" | ")[0].removeprefix("| ") for line in main_table.splitlines() if line.startswith("| ")]
     assert [m for m in recorded if m in methods] == methods, (recorded, methods)
+
+
+def _table(text: str, header_start: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The markdown table whose header row starts with header_start: (headers, first cell -> cells)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]   # noqa: E731
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows[cells(line)[0]] = cells(line)
+    return cells(lines[start]), rows
+
+
+def test_the_readme_comparison_is_the_evidence_table():
+    """The README's fixed/tuned comparison is docs/evidence/tuned/fixed-vs-tuned.md (written by summary.py from
+    the reports), column for column and row for row: a number typed by hand, or left behind by a later run, fails."""
+    headers, readme = _table((REPO / "README.md").read_text(), "| method | fixed Avg")
+    full_headers, evidence = _table((REPO / "docs/evidence/tuned/fixed-vs-tuned.md").read_text(), "| method |")
+    assert list(readme) == list(evidence)
+    columns = [full_headers.index(h) for h in headers]
+    for method, cells in readme.items():
+        assert cells == [evidence[method][i] for i in columns], method

@@ -8,8 +8,9 @@ hyperparameters with the distributions its registry declares (``Method.search_sp
 - Budget: 6 trials per (method, held-out domain, seed); every held-out domain; seeds 0-2: 72 trials per method.
 - Sampler: random search (``search.sampler: random``, DomainBed's protocol), sampler seed 0. With 6 trials TPE would
   draw the same points (its first 10 trials are random start-up draws with the same seed). The same sampler seed in
-  every search: each method's 6 draws are shared by its 12 searches, and every method gets the same 6 learning rates
-  (the learning rate is drawn first).
+  every search: each method's 6 draws are shared by its 12 searches. Every method's first learning rate is the same;
+  the later ones differ, since a method's other hyperparameters draw from the same random stream (this line said
+  "the same 6 learning rates" before the runs, which was wrong).
 - No ASHA: every trial runs its full budget, except collapsed ones (``train.stop_collapsed: 2``: at chance, or one
   class predicted, after 2 evaluation rounds = 100 steps of the last stage).
 - Selection by source-domain validation over all trials and evaluation steps (DomainBed's training-domain validation).

@@ -19,6 +19,7 @@ OUT = Path(__file__).resolve().parent
 EVIDENCE = OUT.parent
 FIXED = (EVIDENCE / "compare" / "results.json", EVIDENCE / "compare-baselines" / "results.json")
 EQUAL_STEPS = "tuned-erm-equal-steps"
+README_COLUMNS = 6   # method, fixed Avg and vs ERM, tuned Avg and vs ERM, tuned - fixed
 
 
 def label(sweep: str) -> str:
@@ -83,14 +84,18 @@ def build() -> dict:
     tuned_results = json.loads((OUT / "results.json").read_text())
     tuned = _by_method(tuned_results)
     params = selected_params(tuned_results)
+    sweeps = {label(row["sweep"]): row["sweep"] for row in tuned_results["table"]["validation"]}
+    order = list(fixed)   # the fixed comparison's order, the control row after the distillation methods
+    order.insert(order.index("li") + 1 if "li" in order else len(order), "erm (equal steps)")
+    order += [name for name in sweeps if name not in order]
     rows = []
-    for row in tuned_results["table"]["validation"]:
-        name = label(row["sweep"])
-        f, t = fixed.get(name), tuned[name]
-        rows.append({"method": name, "sweep": row["sweep"], "fixed": f, "tuned": t,
-                     "change": None if f is None else t["avg"] - f["avg"],
-                     "selected": params.get(row["sweep"], {}),
-                     "ends": ends(row["sweep"])})
+    for name in order:
+        f, t, sweep = fixed.get(name), tuned.get(name), sweeps.get(name)
+        if f is None and t is None:
+            continue
+        rows.append({"method": name, "sweep": sweep, "fixed": f, "tuned": t,   # tuned None: not run yet
+                     "change": None if f is None or t is None else t["avg"] - f["avg"],
+                     "selected": params.get(sweep, {}), "ends": ends(sweep) if sweep else {}})
     return {"rows": rows, "sources": [str(p.relative_to(EVIDENCE)) for p in (*FIXED, OUT / "results.json")]}
 
 
@@ -114,10 +119,10 @@ def markdown(summary: dict) -> str:
     for r in summary["rows"]:
         f, t = r["fixed"], r["tuned"]
         picked = "; ".join(f"{k.split('.', 1)[1]} {v}" for k, v in r["selected"].items())
-        collapsed = f"{r['ends'].get('collapsed', 0)}/{r['ends'].get('trials', 0)}"
+        collapsed = f"{r['ends'].get('collapsed', 0)}/{r['ends'].get('trials', 0)}" if t else "–"
         lines.append(f"| {r['method']} | {_pct(f['avg'], f['se']) if f else '–'} | {_pairs(f)} | "
-                     f"{_pct(t['avg'], t['se'])} | {_pairs(t)} | {_pct(r['change'], sign=True)} | {picked} | "
-                     f"{collapsed} |")
+                     f"{_pct(t['avg'], t['se']) if t else 'not run yet'} | {_pairs(t)} | "
+                     f"{_pct(r['change'], sign=True)} | {picked or '–'} | {collapsed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -127,6 +132,9 @@ def main() -> None:
     text = markdown(summary)
     (OUT / "fixed-vs-tuned.md").write_text(text)
     print(text, end="")
+    print(f"\nThe README's table (its first {README_COLUMNS} columns; tests/test_docs.py checks the two agree):")
+    for line in text.splitlines():
+        print("| " + " | ".join(c.strip() for c in line.strip().strip("|").split("|")[:README_COLUMNS]) + " |")
 
 
 if __name__ == "__main__":
