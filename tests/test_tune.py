@@ -136,7 +136,7 @@ def test_a_bad_sweep_yaml_is_rejected_with_every_problem(tmp_path, capsys):
 
 def test_the_shipped_sweep_files_validate(tmp_path):
     demo = tune.make_plan(DEMO, storage=str(tmp_path))
-    assert demo.methods == ["erm", "kd"] and len(demo.searches()) == 4 and demo.search["num_samples"] >= 2
+    assert demo.methods == ["erm", "vl2v"] and len(demo.searches()) == 4 and demo.search["num_samples"] >= 2
     full = tune.make_plan(ALL, [f"dataset.root={fake_pacs(tmp_path / 'PACS')}"], str(tmp_path))
     assert full.methods == ["erm", "kd", "rise", "scmd", "vl2v", "li", "coral", "mmd", "groupdro", "irm", "mixup",
                             "sagnet", "miro", "miro_teacher"] and len(full.searches()) == 12
@@ -154,7 +154,8 @@ def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for needle in ("searches (held-out domain x seed): 4", "trials per search: 3", "total trials: 12",
-                   "{'CPU': 1}", "method.temperature: uniform[2.0, 6.0]  when method.name in ['kd']",
+                   "{'CPU': 1}", "method.lam: choice[0.3]  when method.name in ['vl2v']",
+                   "400 steps per stage (vl2v: align 400, then distill 400)",
                    f"storage: {tmp_path / 'runs'}", f"MLflow: sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"):
         assert needle in out, f"{needle!r} not in:\n{out}"
     assert "Started a local Ray instance" not in out + proc.stderr
@@ -163,15 +164,16 @@ def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- the space
 def test_method_hyperparameters_are_only_suggested_for_their_methods(tmp_path):
-    # demo.yaml: method.temperature has no `when`; it is implicitly kd's (erm has no temperature)
+    # demo.yaml: method.lam has no `when`; it is implicitly vl2v's (erm has no lam); VL2V's recipe keys are
+    # explicitly its own: an ERM trial keeps the file's values
     plan = tune.make_plan(DEMO, storage=str(tmp_path))
     drawn = sample(plan.space, 60)
+    recipe = {"train.lr", "method.lam", "teacher.online", "teacher.prompts", "student.freeze_bn", "train.averaging"}
     for params in drawn:
-        expected = {"method.name", "train.lr"} | ({"method.temperature"} if params["method.name"] == "kd" else set())
-        assert set(params) == expected, params
-    assert {p["method.name"] for p in drawn} == {"erm", "kd"}
-    # the demo's sampler seed: its two trials per held-out domain are one ERM and one KD
-    assert {p["method.name"] for p in sample(plan.space, 2, seed=plan.search["sampler_seed"])} == {"erm", "kd"}
+        assert set(params) == {"method.name"} | (recipe if params["method.name"] == "vl2v" else set()), params
+    assert {p["method.name"] for p in drawn} == {"erm", "vl2v"}
+    # the demo's sampler seed: its two trials per held-out domain are one ERM and one VL2V
+    assert {p["method.name"] for p in sample(plan.space, 2, seed=plan.search["sampler_seed"])} == {"erm", "vl2v"}
 
     # all.yaml: six methods, explicit `when` on top of the implicit method condition
     plan = tune.make_plan(ALL, [f"dataset.root={fake_pacs(tmp_path / 'PACS')}"], str(tmp_path))
@@ -228,7 +230,9 @@ def test_the_sampler_choice_draws_what_optuna_draws_on_a_conditional_space(tmp_p
 
     from distill.tune.searcher import SweepSearcher, without_search
 
-    plan = tune.make_plan(DEMO, [f"search.sampler={kind}", "search.sampler_seed=7"], str(tmp_path))
+    space = ("search.space={method.name: {choice: [erm, kd]}, train.lr: {loguniform: [1.0e-3, 5.0e-3]}, "
+             "method.temperature: {uniform: [2.0, 6.0]}}")   # continuous, and conditional (temperature: kd's)
+    plan = tune.make_plan(DEMO, [f"search.sampler={kind}", "search.sampler_seed=7", space], str(tmp_path))
     assert plan.search["sampler"] == kind
     assert {"random": "searcher: Optuna random sampling (sampler seed 7)",
             "tpe": "searcher: Optuna TPE (multivariate, group) (sampler seed 7)"}[kind] in tune.describe(plan)

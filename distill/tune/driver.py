@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import tracking
 from ..console import say, set_verbose
 from ..config import ConfigError, config_hash
-from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, Plan, _join, describe, search_name, trial_cfg
+from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, Plan, _join, describe, search_name, trial_cfg, with_method
 from .runs import _parent_run, finish, reconcile_runs
 from .space import METRIC, MODE
 from .searcher import SEARCH_KEY, PerSearchScheduler, SweepSearcher
@@ -128,15 +128,7 @@ def max_trial_steps(plan: Plan) -> int:
     """The most optimiser steps a trial of the sweep can take (every stage of every method it can choose)."""
     from ..trial.prepare import trial_steps
 
-    return max(sum(n for _, n in trial_steps(_with_method_cfg(plan.cfg, m))) for m in plan.methods)
-
-
-def _with_method_cfg(cfg: dict, method: str) -> dict:
-    from ..methods import get_method
-
-    if cfg["method"]["name"] == method:
-        return cfg
-    return {**cfg, "method": {"name": method, **get_method(method).hparams}}
+    return max(sum(n for _, n in trial_steps(with_method(plan.cfg, m))) for m in plan.methods)
 
 
 EXPERIMENT = "sweep"   # the one Tune experiment of a sweep, under <sweep>/tune/

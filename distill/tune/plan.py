@@ -347,6 +347,27 @@ def _merge_defaults(raw: dict) -> dict:
     return _merge(DEFAULTS, raw)
 
 
+def with_method(cfg: dict, method: str) -> dict:
+    """The sweep's config with `method` and its default hyperparameters (unchanged where it is the base method)."""
+    from ..methods import get_method
+
+    if cfg["method"]["name"] == method:
+        return cfg
+    return {**cfg, "method": {"name": method, **get_method(method).hparams}}
+
+
+def _stages(plan: Plan) -> str:
+    """' per stage (vl2v: align 400, then distill 400)' where a method the sweep can choose trains in stages."""
+    from ..trial.prepare import trial_steps
+
+    multi = []
+    for m in plan.methods:
+        stages = trial_steps(with_method(plan.cfg, m))
+        if len(stages) > 1:
+            multi.append(f"{m}: " + ", then ".join(f"{name} {n}" for name, n in stages))
+    return f" per stage ({'; '.join(multi)})" if multi else ""
+
+
 def describe(plan: Plan, concurrency: str | None = None) -> str:
     d = plan.to_dict()
     res = plan.cfg["resources"]
@@ -362,7 +383,8 @@ def describe(plan: Plan, concurrency: str | None = None) -> str:
         f"  trials per search: {search['num_samples']}   total trials: {d['total_trials']}",
         f"  methods: {plan.methods}   dataset: {plan.cfg['dataset']['name']}   "
         f"student: {plan.cfg['student']['backbone']}   teacher: {plan.cfg['teacher']['arch']}",
-        f"  each trial: {plan.cfg['train']['steps']} steps, evaluated every {plan.cfg['train']['eval_every']}; "
+        f"  each trial: {plan.cfg['train']['steps']} steps{_stages(plan)}, evaluated every "
+        f"{plan.cfg['train']['eval_every']}; "
         f"{res['num_workers']} worker(s) x ({res['cpus_per_worker']} CPU, {res['gpus_per_worker']} GPU) "
         + (f"= {plan.resources()}, run in the trial function (launcher inline)"
            if res["launcher"] == "inline" else f"= {plan.resources()} + the trial function {TRIAL_RESOURCES}"),
