@@ -53,6 +53,28 @@ def test_builtin_arch_gives_normalised_embeddings_of_its_width():
     assert logits.shape == (3, 2) and logits.abs().max() <= 100 + 1e-3
 
 
+def test_open_clip_build_lines_print_with_verbose_only(random_ckpt, caplog):
+    """open_clip logs how it built the model at INFO on the root logger; in a Ray worker (an online teacher) those
+    lines reach the sweep's console. Without --verbose, loading a teacher logs none of them, and leaves logging as
+    it found it."""
+    import logging
+
+    from distill.console import set_verbose
+
+    caplog.set_level(logging.INFO)
+    try:
+        set_verbose(False)
+        load_teacher(ARCH, checkpoint=random_ckpt)
+        assert not [r for r in caplog.records if "open_clip" in r.pathname], caplog.text
+        logging.info("after the load")   # not left disabled
+        assert "after the load" in caplog.text
+        set_verbose(True)
+        load_teacher(ARCH, checkpoint=random_ckpt)
+        assert "Loading full pretrained weights" in caplog.text
+    finally:
+        set_verbose(False)
+
+
 def test_checkpoint_round_trip_reproduces_the_saved_model(random_ckpt):
     torch.manual_seed(0)
     original = Teacher(open_clip.create_model(ARCH), open_clip.get_tokenizer(ARCH), ARCH, "orig")

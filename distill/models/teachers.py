@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from ..console import verbose
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -370,7 +372,16 @@ def load_teacher(arch: str, pretrained: str | None = None, checkpoint: str | os.
 
     ``preprocess="clip"`` normalises with the model's own (CLIP) mean/std, the correct default; ``"imagenet"``
     feeds ImageNet-normalised images, as RISE/SCMD/VL2V's official code did (for faithful reproductions).
-    With neither pretrained nor checkpoint the model is randomly initialised (tests, smoke runs)."""
+    With neither pretrained nor checkpoint the model is randomly initialised (tests, smoke runs).
+
+    open_clip's INFO lines on how it built the model (its root-logger "Parsing model identifier ...", "Loading
+    full pretrained weights ...") print with --verbose only: in a Ray worker they would reach the sweep's console."""
+    with contextlib.nullcontext() if verbose() else _quiet_logging(logging.INFO):
+        return _load_teacher(arch, pretrained, checkpoint, preprocess, device, cache_dir)
+
+
+def _load_teacher(arch: str, pretrained: str | None, checkpoint: str | os.PathLike | None, preprocess: str,
+                  device: str, cache_dir: str | None) -> Teacher:
     if preprocess not in PREPROCESS:
         raise TeacherError(f"teacher preprocess {preprocess!r} is not one of {', '.join(PREPROCESS)}")
     if pretrained and checkpoint:

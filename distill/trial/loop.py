@@ -261,7 +261,7 @@ class Trainer:
         """The next stage starts from this stage's best source-validation evaluation."""
         if self.handoff is not None:
             self.method.load_state_dict(self.handoff["state"])
-            if self.rank == 0:
+            if self.rank == 0 and self.progress:   # a sweep's trial: with --verbose only
                 print(f"[distill] stage {self.stages[k][0]} -> {self.stages[k + 1][0]}: from the evaluation at step "
                       f"{self.handoff['step']} (val_acc {self.handoff['val_acc']:.3f})", flush=True)
 

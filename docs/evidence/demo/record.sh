@@ -17,7 +17,7 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" > "$LOG"
 start=$(date +%s)
 distill tune --space search_spaces/demo.yaml >> "$LOG" 2>&1
 echo "exit 0 in $(( $(date +%s) - start )) s; load after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$LOG"
-grep -n -i "warn\|could not\|error" "$LOG" && echo "^ lines a user would read as problems" || echo "no warning or error line"
+grep -n "Warning\|WARNING\|could not\|Error\|Traceback" "$LOG" && echo "^ lines a user would read as problems" || echo "no warning or error line"
 cp distill_runs/demo/results.md "$HERE/results.md"
 cp distill_runs/demo/plots/accuracy.png "$HERE/accuracy.png"
 echo "copied results.md and accuracy.png to $HERE"
