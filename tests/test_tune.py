@@ -146,6 +146,19 @@ def test_the_shipped_sweep_files_validate(tmp_path):
     assert baselines.search["sampler"] == "random" and baselines.search["num_samples"] == 160
 
 
+def test_preparation_follows_the_space_branches(tmp_path):
+    """The driver prepares each (method, teacher/dataset choice) a trial can draw, on its branch only: the demo's
+    ERM trials are not prepared with VL2V's online teacher and prompts; unconditioned choices multiply."""
+    from distill.tune.driver import preparation_variants
+
+    demo = tune.make_plan(DEMO, storage=str(tmp_path))
+    assert preparation_variants(demo) == [
+        {"method.name": "erm"}, {"method.name": "vl2v", "teacher.online": True, "teacher.prompts": "single"}]
+    crossed = tune.make_plan(DEMO, ["search.space={method.name: {choice: [erm, kd]}, "
+                                    "teacher.prompts: {choice: [domain, single]}}"], str(tmp_path))
+    assert len(preparation_variants(crossed)) == 4
+
+
 def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distill.tune", "--space", str(DEMO), "--dry-run",
                            "--storage", str(tmp_path / "runs"), "--set", "search.num_samples=3"],

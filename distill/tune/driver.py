@@ -86,16 +86,26 @@ def _give_trials_the_ray_address() -> None:
         print(f"[distill.tune] note: could not pass RAY_ADDRESS to trials ({exc})", flush=True)
 
 
+def preparation_variants(plan: Plan) -> list[dict]:
+    """The combinations of the searched choices that change what a trial prepares (the method, teacher.* and
+    dataset.* keys), each only on its branch: a choice whose `when` fails for a variant is not multiplied in
+    (an ERM trial never gets VL2V's teacher.online)."""
+    variants: list[dict] = [{}]
+    for param in plan.space.params:   # in dependency order: a condition's key is set before it is read
+        if param.kind != "choice" or not (param.key == "method.name" or
+                                          param.key.startswith(("teacher.", "dataset."))):
+            continue
+        variants = [w for v in variants
+                    for w in ([{**v, param.key: c} for c in param.values] if plan.space.active(param, v) else [v])]
+    return variants
+
+
 def warm_caches(plan: Plan) -> None:
     """prepare() once per held-out domain and per method (and teacher choice) the space can draw: the world, the
     fitted teacher and every teacher-output cache exist before any trial starts, so trials only read them."""
     from ..trial.prepare import prepare
 
-    variants = [{}]
-    for key in plan.space.keys():
-        choices = plan.space.choices(key)
-        if choices and (key == "method.name" or key.startswith(("teacher.", "dataset."))):
-            variants = [{**v, key: c} for v in variants for c in choices]
+    variants = preparation_variants(plan)
     if len(variants) > 64:  # a huge product: warm each method at least
         variants = [{"method.name": m} for m in plan.methods]
     seen = set()
