@@ -14,6 +14,9 @@ from pathlib import Path
 
 from . import tracking
 
+# what the MLflow server's process ignores (PYTHONWARNINGS): its dependencies' deprecations at import
+IGNORED_WARNINGS = "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated"
+
 
 def sweeps(uri: str) -> list[tuple[str, str]]:
     """(sweep name, experiment id) of every experiment holding a sweep's parent run, the latest sweep first."""
@@ -62,8 +65,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m distill.ui") -> i
     print(f"serving {uri} on 127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port), "--workers", "1"]   # one reader of a local store: starts in a quarter the time
-    # MLflow's own modules warn of their dependencies' deprecations at import: not the user's concern
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    # MLflow's own modules warn of their dependencies' deprecations at import: not the user's concern (Starlette's
+    # is a UserWarning, matched by its message)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONWARNINGS": IGNORED_WARNINGS}
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:

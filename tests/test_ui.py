@@ -167,7 +167,8 @@ def test_the_printed_link_opens_on_the_selected_trials_in_a_real_browser(finishe
         link = link.split(" ", 1)[1].strip()
         import threading
 
-        threading.Thread(target=server.stdout.read, daemon=True).start()   # the server's log: never a full pipe
+        log: list[str] = []   # the server's console (read as it comes: never a full pipe)
+        threading.Thread(target=lambda: log.extend(server.stdout), daemon=True).start()
         deadline = time.time() + 180
         while time.time() < deadline:
             try:
@@ -204,5 +205,7 @@ def test_the_printed_link_opens_on_the_selected_trials_in_a_real_browser(finishe
         assert any(f"{s['test_domain']} {100 * s['test_acc']:.1f} · kd · val {100 * s['val_acc']:.1f} · step "
                    f"{s['step']} · {s['train_run']}" in r for r in rows), rows
     assert shot.is_file() and shot.stat().st_size > 10_000
+    # the console a user reads: MLflow's INFO lines, no warning (its dependencies' deprecations are silenced)
+    assert log and not [line for line in log if "Warning" in line or "WARNING" in line], "".join(log)
     if os.environ.get("DISTILL_UPDATE_SCREENSHOT"):
         shutil.copy(shot, REPO / "docs" / "mlflow-ui.png")
