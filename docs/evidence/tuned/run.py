@@ -39,7 +39,6 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent
 sys.path.insert(0, str(OUT.parent))
-sys.path.insert(0, str(OUT))
 from sweeps import REPO, done, run  # noqa: E402  (docs/evidence/sweeps.py)
 
 SPACE_FILE = REPO / "search_spaces" / "compare.yaml"

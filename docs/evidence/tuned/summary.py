@@ -68,13 +68,10 @@ def selected_params(results: dict) -> dict[str, dict[str, str]]:
 def ends(sweep: str) -> dict[str, int]:
     """How the sweep's trials ended (the last `end` row of each in its kept trials.jsonl): trials, completed,
     collapsed (train.stop_collapsed), early_stopped, failed."""
-    from distill.report import ends_by_method, read_jsonl
+    from distill.report import ends_by_method
+    from distill.selection import load_events
 
-    last = {}
-    for r in read_jsonl(OUT / "sweeps" / sweep / "trials.jsonl"):
-        if r.get("event") == "end":
-            last[(r.get("search"), r.get("trial_id"))] = {**r, "method": sweep}
-    return ends_by_method(list(last.values())).get(sweep, {})
+    return ends_by_method([{**e, "method": sweep} for e in load_events(OUT / "sweeps" / sweep)]).get(sweep, {})
 
 
 def build() -> dict:
