@@ -159,6 +159,18 @@ def test_preparation_follows_the_space_branches(tmp_path):
     assert len(preparation_variants(crossed)) == 4
 
 
+def test_a_staged_method_sets_the_longest_trial(tmp_path):
+    """The demo's ERM trains 400 steps, VL2V aligns 400 then distils 400: ASHA's max_t is VL2V's 800."""
+    from distill.tune.driver import max_trial_steps
+    from distill.tune.plan import method_stages
+
+    demo = tune.make_plan(DEMO, storage=str(tmp_path))
+    assert method_stages(demo) == {"erm": [("train", 400)], "vl2v": [("align", 400), ("distill", 400)]}
+    assert max_trial_steps(demo) == 800
+    erm_only = tune.make_plan(DEMO, ["search.space={method.name: {choice: [erm]}}"], str(tmp_path))
+    assert max_trial_steps(erm_only) == 400
+
+
 def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distill.tune", "--space", str(DEMO), "--dry-run",
                            "--storage", str(tmp_path / "runs"), "--set", "search.num_samples=3"],

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import tracking
 from ..console import say, set_verbose
 from ..config import ConfigError, config_hash
-from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, Plan, _join, describe, search_name, trial_cfg, with_method
+from .plan import PLAN_FILE, ROWS_FILE, SWEEP_FILE, Plan, _join, describe, method_stages, search_name, trial_cfg
 from .runs import _parent_run, finish, reconcile_runs
 from .space import METRIC, MODE
 from .searcher import SEARCH_KEY, PerSearchScheduler, SweepSearcher
@@ -136,9 +136,7 @@ def _read_json(path: Path) -> dict | None:
 
 def max_trial_steps(plan: Plan) -> int:
     """The most optimiser steps a trial of the sweep can take (every stage of every method it can choose)."""
-    from ..trial.prepare import trial_steps
-
-    return max(sum(n for _, n in trial_steps(with_method(plan.cfg, m))) for m in plan.methods)
+    return max(sum(n for _, n in stages) for stages in method_stages(plan).values())
 
 
 EXPERIMENT = "sweep"   # the one Tune experiment of a sweep, under <sweep>/tune/

@@ -356,15 +356,17 @@ def with_method(cfg: dict, method: str) -> dict:
     return {**cfg, "method": {"name": method, **get_method(method).hparams}}
 
 
-def _stages(plan: Plan) -> str:
-    """' per stage (vl2v: align 400, then distill 400)' where a method the sweep can choose trains in stages."""
+def method_stages(plan: Plan) -> dict[str, list[tuple[str, int]]]:
+    """{method: [(stage, optimiser steps), ...]} for every method the sweep can choose."""
     from ..trial.prepare import trial_steps
 
-    multi = []
-    for m in plan.methods:
-        stages = trial_steps(with_method(plan.cfg, m))
-        if len(stages) > 1:
-            multi.append(f"{m}: " + ", then ".join(f"{name} {n}" for name, n in stages))
+    return {m: trial_steps(with_method(plan.cfg, m)) for m in plan.methods}
+
+
+def _stages(plan: Plan) -> str:
+    """' per stage (vl2v: align 400, then distill 400)' where a method the sweep can choose trains in stages."""
+    multi = [f"{m}: " + ", then ".join(f"{name} {n}" for name, n in stages)
+             for m, stages in method_stages(plan).items() if len(stages) > 1]
     return f" per stage ({'; '.join(multi)})" if multi else ""
 
 
